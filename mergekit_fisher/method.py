@@ -1,0 +1,193 @@
+"""The ``fisher`` merge method: Fisher-weighted averaging inside mergekit's lazy pipeline.
+
+Per element, over inputs m with recipe weight w_m, Fisher F_m (divided by the store's global
+L2 norm when ``normalize``) and floor ``epsilon``::
+
+    theta* = sum_m w_m (F_m + epsilon) theta_m / sum_m w_m (F_m + epsilon)
+
+Elements where that denominator is zero (every Fisher zero and ``epsilon: 0``) get the weighted
+linear average, so no NaN can leak. A ``base_model`` is one more input with its own store.
+
+The kernel receives only the *output* tensor name. Fisher tensors are found through the store's
+binding (see ``store``): by name when the arriving weight is the one the store was computed on,
+else by the weight's fingerprint, so ``slices:`` with shifted layers and a tied ``lm_head`` still
+get the right Fisher tensor, and weights the store does not describe are refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Annotated, Literal
+
+import torch
+from mergekit.merge_methods import (
+    BasePolicy,
+    InputContract,
+    PerInput,
+    TensorEntry,
+    TensorGroup,
+    merge_method,
+    register,
+    registered_methods,
+)
+from pydantic import Field
+
+from mergekit_fisher.errors import FisherError
+from mergekit_fisher.store import FisherStore, StoreError, open_store
+
+LOG = logging.getLogger(__name__)
+
+PARAMETERS = ("weight", "fisher", "normalize", "epsilon", "missing")
+"""Every recipe parameter ``fisher`` understands (the pre-flight refuses others)."""
+
+_AVERAGED_LOCK = threading.Lock()
+_AVERAGED: dict[str, list[str]] = {}
+
+
+class RecipeError(FisherError):
+    """A recipe that cannot be merged as written."""
+
+
+def model_label(entry_id: object) -> str:
+    """The recipe's spelling of an input model (mergekit's ``ModelReference``)."""
+    model = getattr(entry_id, "model", None)
+    return str(getattr(model, "path", None) or entry_id)
+
+
+def take_averaged_report() -> dict[str, list[str]]:
+    """Tensors merged by plain weighted averaging since the last call, by reason."""
+    with _AVERAGED_LOCK:
+        report = {reason: sorted(names) for reason, names in _AVERAGED.items()}
+        _AVERAGED.clear()
+    return report
+
+
+def _note_averaged(reason: str, name: str) -> None:
+    with _AVERAGED_LOCK:
+        _AVERAGED.setdefault(reason, []).append(name)
+
+
+def _store_for(entry: TensorEntry, ref: str | None) -> FisherStore:
+    if not ref:
+        raise RecipeError(
+            f"model {model_label(entry.id)} has no `fisher` parameter: add "
+            "`parameters: {fisher: <store directory or Hub id>}` to it (every input of "
+            "merge_method: fisher needs one, base_model included)"
+        )
+    try:
+        return open_store(ref)
+    except StoreError as error:
+        raise StoreError(f"model {model_label(entry.id)}: {error}") from None
+
+
+def _fisher_for(
+    entry: TensorEntry, store: FisherStore, name: str, normalize: bool
+) -> torch.Tensor | None:
+    """This input's Fisher for output tensor ``name`` (float32, on the entry's device)."""
+    located = store.locate(name, entry.tensor)
+    if located is None:
+        if name in store and store.is_bound:
+            raise StoreError(
+                f"Fisher store {store.ref} was computed on other weights than {name!r} of model "
+                f"{model_label(entry.id)} (another model or revision, a layer remap by slices:, "
+                "or a permuted or resized vocabulary): re-estimate it on this model"
+            )
+        return None
+    fisher = store.get(located, device=entry.tensor.device)
+    shape = tuple(entry.tensor.shape)
+    try:
+        fits = torch.broadcast_shapes(fisher.shape, shape) == shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise StoreError(
+            f"Fisher tensor {located!r} in {store.ref} has shape {list(fisher.shape)}, which does "
+            f"not broadcast to {name!r} {list(shape)} of model {model_label(entry.id)}: "
+            "the store describes another architecture; re-estimate it on this model"
+        )
+    if normalize:
+        norm = store.global_norm
+        fisher = fisher / norm if norm > 0 else fisher
+    return fisher
+
+
+def fisher_merge(
+    group: TensorGroup,
+    fisher: PerInput[str | None] = None,
+    weight: PerInput[Annotated[float, Field(ge=0)]] = 1.0,
+    normalize: bool = True,
+    epsilon: Annotated[float, Field(ge=0)] = 1e-8,
+    missing: Literal["error", "uniform"] = "error",
+) -> torch.Tensor:
+    """Fisher-weighted average of one tensor group (see the module docstring)."""
+    name = group.metadata.name or "<unnamed tensor>"
+    entries = group.entries
+    weights = [float(weight[e.id]) for e in entries]
+    if sum(weights) <= 0:
+        raise RecipeError(f"{name}: recipe weights sum to zero; give at least one model weight > 0")
+    first = entries[0].tensor
+    compute = (
+        torch.float64 if any(e.tensor.dtype == torch.float64 for e in entries) else torch.float32
+    )
+    stores = [_store_for(e, fisher[e.id]) for e in entries]
+    fishers = [_fisher_for(e, s, name, normalize) for e, s in zip(entries, stores)]
+
+    if any(f is None for f in fishers):
+        for e, s, f in zip(entries, stores, fishers):
+            if f is None and not (s.averages_uncovered or missing == "uniform"):
+                raise StoreError(
+                    f"Fisher store {s.ref} has no tensor for {name!r} (model "
+                    f"{model_label(e.id)}): re-estimate it on this model, or set "
+                    "`missing: uniform` to average such weights with the recipe weights"
+                )
+        covered_by_nodes = all(
+            f is not None or s.averages_uncovered for s, f in zip(stores, fishers)
+        )
+        _note_averaged("not covered by node stores" if covered_by_nodes else "missing", name)
+        fishers = [None] * len(entries)
+
+    if fishers[0] is None:
+        return _linear(entries, weights, compute).to(first.dtype)
+    numerator = torch.zeros(first.shape, dtype=compute, device=first.device)
+    denominator = torch.zeros((), dtype=compute, device=first.device)
+    for e, w, f in zip(entries, weights, fishers):
+        assert f is not None
+        coefficient = (f.to(compute) + epsilon) * w
+        numerator.addcmul_(coefficient, e.tensor.to(compute))
+        denominator = denominator + coefficient
+        del coefficient
+    if bool((denominator > 0).all()):
+        return numerator.div_(denominator).to(first.dtype)
+    # Every Fisher is zero somewhere and epsilon is 0: those elements take the linear average.
+    linear = _linear(entries, weights, compute)
+    safe = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+    return torch.where(denominator > 0, numerator / safe, linear).to(first.dtype)
+
+
+def _linear(
+    entries: tuple[TensorEntry, ...], weights: list[float], compute: torch.dtype
+) -> torch.Tensor:
+    total = sum(weights)
+    result = torch.zeros(entries[0].tensor.shape, dtype=compute, device=entries[0].tensor.device)
+    for e, w in zip(entries, weights):
+        result.add_(e.tensor.to(compute), alpha=w / total)
+    return result
+
+
+FISHER = merge_method(
+    fisher_merge,
+    name="fisher",
+    pretty_name="Fisher merging",
+    reference_url="https://arxiv.org/abs/2111.09832",
+    contract=InputContract(base=BasePolicy.OPTIONAL, min_inputs=1),
+)
+
+
+def register_methods() -> None:
+    """Register ``fisher`` with mergekit, once (mergekit's ``register`` refuses duplicates)."""
+    if FISHER.spec.name not in {m.spec.name for m in registered_methods()}:
+        register(FISHER)
+
+
+register_methods()

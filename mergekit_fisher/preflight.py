@@ -1,0 +1,141 @@
+"""Recipe checks that run before mergekit writes anything.
+
+mergekit silently ignores misspelled parameters and only meets a missing store deep inside the
+merge. For ``merge_method: fisher`` recipes this module refuses unknown parameters, inputs
+without a ``fisher`` store and unreadable stores up front, with one line each. The autoload hook
+wraps ``mergekit.merge.run_merge`` with it, so plain ``mergekit-yaml`` gets the same checks.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from mergekit.config import MergeConfiguration
+
+from mergekit_fisher.method import PARAMETERS, RecipeError, take_averaged_report
+from mergekit_fisher.store import FisherStore, StoreError, open_store
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    model: str
+    store_ref: str
+    store: FisherStore
+
+
+def _parameter_blocks(config: MergeConfiguration) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, parameters) for every parameters: block of the recipe."""
+    yield "top-level parameters", config.parameters or {}
+    for model in config.models or []:
+        yield f"model {model.model.model.path}", model.parameters or {}
+    slices = list(config.slices or [])
+    for name, module in (config.modules or {}).items():
+        yield f"module {name}", module.parameters or {}
+        slices.extend(module.slices or [])
+    for i, slice_ in enumerate(slices):
+        yield f"slice {i}", slice_.parameters or {}
+        for source in slice_.sources:
+            yield f"slice {i} source {source.model.model.path}", source.parameters or {}
+
+
+def _fisher_refs(value: Any) -> list[str]:
+    """String values of a parameter setting (plain, or a list of {filter, value})."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [ref for item in value for ref in _fisher_refs(getattr(item, "value", item))]
+    return [str(value)]
+
+
+def _inputs(config: MergeConfiguration) -> list[tuple[str, dict[str, Any]]]:
+    """Each merge input's model path and its own parameters (base_model included)."""
+    inputs: dict[str, dict[str, Any]] = {}
+    for model in config.models or []:
+        inputs[model.model.model.path] = dict(model.parameters or {})
+    if config.models and config.base_model is not None:
+        inputs.setdefault(config.base_model.model.path, {})
+    slices = list(config.slices or [])
+    for module in (config.modules or {}).values():
+        slices.extend(module.slices or [])
+    for slice_ in slices:
+        for source in slice_.sources:
+            inputs.setdefault(source.model.model.path, {}).update(source.parameters or {})
+    return list(inputs.items())
+
+
+def check_recipe(config: MergeConfiguration) -> list[ServedModel]:
+    """Validate a ``fisher`` recipe and open every store; [] for other methods."""
+    if config.merge_method != "fisher":
+        return []
+    for where, params in _parameter_blocks(config):
+        unknown = sorted(set(params) - set(PARAMETERS))
+        if unknown:
+            raise RecipeError(
+                f"unknown parameter(s) {unknown} in {where}: merge_method fisher accepts "
+                f"{list(PARAMETERS)} (mergekit would silently ignore them)"
+            )
+    shared = _fisher_refs((config.parameters or {}).get("fisher"))
+    served = []
+    for model, params in _inputs(config):
+        refs = _fisher_refs(params.get("fisher")) or shared
+        if not refs:
+            raise RecipeError(
+                f"model {model} has no `fisher` parameter: add `parameters: {{fisher: <store "
+                "directory or Hub id>}}` to it (every input of merge_method: fisher needs one, "
+                "base_model included)"
+            )
+        for ref in dict.fromkeys(refs):
+            try:
+                store = open_store(ref)
+            except StoreError as error:
+                raise StoreError(f"model {model}: {error}") from None
+            served.append(ServedModel(model, ref, store))
+            LOG.info("model %s <- Fisher store %s", model, store.path)
+    return served
+
+
+def describe(served: ServedModel) -> str:
+    """One line for the user: which store serves which model, and what it is."""
+    store = served.store
+    stats = store.config["statistics"]
+    bound = "bound" if store.is_bound else "UNBOUND (weights cannot be checked)"
+    return (
+        f"{served.model} <- {store.path} ({store.granularity}, {stats['num_tensors']} tensors, "
+        f"estimated on {store.model}, {bound})"
+    )
+
+
+def report_averaged() -> None:
+    """The one warning listing tensors that were averaged because a store lacked them."""
+    for reason, names in take_averaged_report().items():
+        shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+        log = LOG.info if reason.startswith("not covered") else LOG.warning
+        log("%d tensor(s) merged by weighted averaging (%s): %s", len(names), reason, shown)
+
+
+def wrap_run_merge(module: ModuleType) -> None:
+    """Wrap ``module.run_merge`` (mergekit.merge) with the recipe pre-flight, once."""
+    original = module.run_merge
+    if getattr(original, "__mergekit_fisher__", False):
+        return
+
+    @functools.wraps(original)
+    def run_merge(merge_config: MergeConfiguration, *args: Any, **kwargs: Any) -> Any:
+        check_recipe(merge_config)
+        take_averaged_report()
+        try:
+            return original(merge_config, *args, **kwargs)
+        finally:
+            report_averaged()
+
+    run_merge.__mergekit_fisher__ = True  # type: ignore[attr-defined]
+    module.run_merge = run_merge  # type: ignore[attr-defined]

@@ -1,0 +1,107 @@
+"""Shared fixtures: tiny real transformers models and a character tokenizer, built offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 +-=*:,.?!\n"
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}"
+    "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def make_tokenizer():  # type: ignore[no-untyped-def]
+    """A character-level fast tokenizer with bos/eos/pad and a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "<user>", "<assistant>", "<system>"]
+    vocab = {tok: i for i, tok in enumerate(specials + list(CHARS))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=["<user>", "<assistant>", "<system>"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_config(arch: str = "llama", **overrides):  # type: ignore[no-untyped-def]
+    """A transformers config for a tiny model of a real architecture family."""
+    from transformers import AutoConfig
+
+    vocab = len(make_tokenizer())
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    common.update(overrides)
+    return AutoConfig.for_model(arch, **common)
+
+
+def save_tiny_model(
+    path: Path, arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides
+) -> Path:
+    """Build a randomly initialised tiny model and save it (with tokenizer) to ``path``."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, **overrides))
+    # Random norm weights: an untrained model's all-ones norms cannot be told apart by binding.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+    model.to(dtype).save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path.resolve()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():  # type: ignore[no-untyped-def]
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("llama") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Two different models of the same architecture (the usual merge inputs)."""
+    root = tmp_path_factory.mktemp("pair")
+    return save_tiny_model(root / "a", seed=1), save_tiny_model(root / "b", seed=2)
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+requires_cuda = pytest.mark.skipif(not has_cuda(), reason="needs a CUDA device")
