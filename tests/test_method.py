@@ -469,3 +469,49 @@ def test_merge_on_cuda_matches_reference(tmp_path: Path, tiny_llama_pair) -> Non
     assert_close(
         merged, reference(models, stores, [1.0, 3.0], normalize=True, epsilon=1e-8), tol=1e-5
     )
+
+
+def test_lazy_unpickle_of_bin_checkpoints(tmp_path: Path, tiny_llama_pair) -> None:  # type: ignore[no-untyped-def]
+    models = []
+    for i, source in enumerate(tiny_llama_pair):
+        target = tmp_path / f"bin{i}"
+        target.mkdir()
+        (target / "config.json").write_bytes((source / "config.json").read_bytes())
+        torch.save(model_tensors(source), target / "pytorch_model.bin")
+        models.append(target)
+    stores = [make_store(m, tmp_path / f"f{i}", seed=i) for i, m in enumerate(tiny_llama_pair)]
+    merged = run_recipe(
+        fisher_recipe(models, stores, [1.0, 2.0]), tmp_path / "out", lazy_unpickle=True
+    )
+    assert_close(
+        merged, reference(list(tiny_llama_pair), stores, [1.0, 2.0], normalize=True, epsilon=1e-8)
+    )
+
+
+def test_kernel_is_thread_safe(tmp_path: Path, tiny_llama_pair) -> None:  # type: ignore[no-untyped-def]
+    """--multi-gpu runs kernels concurrently in worker threads: results must not interfere."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mergekit.merge_methods import merge_tensors
+
+    from mergekit_fisher.method import FISHER
+
+    models = list(tiny_llama_pair)
+    stores = [make_store(m, tmp_path / f"f{i}", seed=i) for i, m in enumerate(models)]
+    tensors = [model_tensors(m) for m in models]
+    ref = reference(models, stores, [1.0, 2.0], normalize=True, epsilon=1e-8)
+    names = sorted(ref) * 4
+
+    def merge_one(name: str) -> torch.Tensor:
+        return merge_tensors(
+            [t[name] for t in tensors],
+            FISHER,
+            ids=[str(m) for m in models],
+            parameters={"fisher": [str(s) for s in stores], "weight": [1.0, 2.0]},
+            name=name,
+        )
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(merge_one, names))
+    for name, result in zip(names, results):
+        torch.testing.assert_close(result.double(), ref[name], rtol=2e-6, atol=2e-6)
