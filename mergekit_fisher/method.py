@@ -25,6 +25,7 @@ from mergekit.merge_methods import (
     BasePolicy,
     InputContract,
     PerInput,
+    PerInputValues,
     TensorEntry,
     TensorGroup,
     merge_method,
@@ -63,36 +64,75 @@ def take_averaged_report() -> dict[str, list[str]]:
     return report
 
 
-def _note_averaged(reason: str, name: str) -> None:
+def note_averaged(reason: str, name: str) -> None:
     with _AVERAGED_LOCK:
         _AVERAGED.setdefault(reason, []).append(name)
 
 
-def _store_for(entry: TensorEntry, ref: str | None) -> FisherStore:
+def store_for(entry: TensorEntry, ref: str | None, statistic: str = "fisher") -> FisherStore:
+    """The store a recipe names for one input, checked to hold the statistic the method needs."""
+    method = {"fisher": "fisher", "gram": "regmean"}[statistic]
     if not ref:
         raise RecipeError(
-            f"model {model_label(entry.id)} has no `fisher` parameter: add "
-            "`parameters: {fisher: <store directory or Hub id>}` to it (every input of "
-            "merge_method: fisher needs one, base_model included)"
+            f"model {model_label(entry.id)} has no `{statistic}` parameter: add "
+            f"`parameters: {{{statistic}: <store directory or Hub id>}}` to it (every input of "
+            f"merge_method: {method} needs one, base_model included)"
         )
     try:
-        return open_store(ref)
+        store = open_store(ref)
     except StoreError as error:
         raise StoreError(f"model {model_label(entry.id)}: {error}") from None
+    if store.statistic != statistic:
+        raise StoreError(
+            f"model {model_label(entry.id)}: {store.ref} holds {store.statistic} statistics, "
+            f"but merge_method {method} needs a {statistic} store "
+            f"(mergekit-fisher estimate --statistic {statistic})"
+        )
+    return store
+
+
+def check_binding(store: FisherStore, name: str, entry: TensorEntry) -> str | None:
+    """The store tensor for this input's weight; refuses a store bound to other weights."""
+    located = store.locate(name, entry.tensor)
+    if located is None and name in store and store.is_bound:
+        raise StoreError(
+            f"store {store.ref} was computed on other weights than {name!r} of model "
+            f"{model_label(entry.id)} (another model or revision, a layer remap by slices:, "
+            "or a permuted or resized vocabulary): re-estimate it on this model"
+        )
+    return located
+
+
+def weighted_average(
+    entries: tuple[TensorEntry, ...], weights: list[float], compute: torch.dtype
+) -> torch.Tensor:
+    """The recipe-weighted linear average, the fallback for weights a store does not cover."""
+    total = sum(weights)
+    result = torch.zeros(entries[0].tensor.shape, dtype=compute, device=entries[0].tensor.device)
+    for e, w in zip(entries, weights):
+        result.add_(e.tensor.to(compute), alpha=w / total)
+    return result
+
+
+def recipe_weights(group: TensorGroup, weight: PerInputValues[float]) -> list[float]:
+    weights = [float(weight[e.id]) for e in group.entries]
+    if sum(weights) <= 0:
+        raise RecipeError(
+            f"{group.metadata.name}: recipe weights sum to zero; give at least one model weight > 0"
+        )
+    return weights
+
+
+def compute_dtype(entries: tuple[TensorEntry, ...]) -> torch.dtype:
+    return torch.float64 if any(e.tensor.dtype == torch.float64 for e in entries) else torch.float32
 
 
 def _fisher_for(
     entry: TensorEntry, store: FisherStore, name: str, normalize: bool
 ) -> torch.Tensor | None:
     """This input's Fisher for output tensor ``name`` (float32, on the entry's device)."""
-    located = store.locate(name, entry.tensor)
+    located = check_binding(store, name, entry)
     if located is None:
-        if name in store and store.is_bound:
-            raise StoreError(
-                f"Fisher store {store.ref} was computed on other weights than {name!r} of model "
-                f"{model_label(entry.id)} (another model or revision, a layer remap by slices:, "
-                "or a permuted or resized vocabulary): re-estimate it on this model"
-            )
         return None
     fisher = store.get(located, device=entry.tensor.device)
     shape = tuple(entry.tensor.shape)
@@ -123,14 +163,10 @@ def fisher_merge(
     """Fisher-weighted average of one tensor group (see the module docstring)."""
     name = group.metadata.name or "<unnamed tensor>"
     entries = group.entries
-    weights = [float(weight[e.id]) for e in entries]
-    if sum(weights) <= 0:
-        raise RecipeError(f"{name}: recipe weights sum to zero; give at least one model weight > 0")
+    weights = recipe_weights(group, weight)
     first = entries[0].tensor
-    compute = (
-        torch.float64 if any(e.tensor.dtype == torch.float64 for e in entries) else torch.float32
-    )
-    stores = [_store_for(e, fisher[e.id]) for e in entries]
+    compute = compute_dtype(entries)
+    stores = [store_for(e, fisher[e.id]) for e in entries]
     fishers = [_fisher_for(e, s, name, normalize) for e, s in zip(entries, stores)]
 
     if any(f is None for f in fishers):
@@ -144,11 +180,11 @@ def fisher_merge(
         covered_by_nodes = all(
             f is not None or s.averages_uncovered for s, f in zip(stores, fishers)
         )
-        _note_averaged("not covered by node stores" if covered_by_nodes else "missing", name)
+        note_averaged("not covered by node stores" if covered_by_nodes else "missing", name)
         fishers = [None] * len(entries)
 
     if fishers[0] is None:
-        return _linear(entries, weights, compute).to(first.dtype)
+        return weighted_average(entries, weights, compute).to(first.dtype)
     numerator = torch.zeros(first.shape, dtype=compute, device=first.device)
     denominator = torch.zeros((), dtype=compute, device=first.device)
     for e, w, f in zip(entries, weights, fishers):
@@ -160,19 +196,9 @@ def fisher_merge(
     if bool((denominator > 0).all()):
         return numerator.div_(denominator).to(first.dtype)
     # Every Fisher is zero somewhere and epsilon is 0: those elements take the linear average.
-    linear = _linear(entries, weights, compute)
+    linear = weighted_average(entries, weights, compute)
     safe = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
     return torch.where(denominator > 0, numerator / safe, linear).to(first.dtype)
-
-
-def _linear(
-    entries: tuple[TensorEntry, ...], weights: list[float], compute: torch.dtype
-) -> torch.Tensor:
-    total = sum(weights)
-    result = torch.zeros(entries[0].tensor.shape, dtype=compute, device=entries[0].tensor.device)
-    for e, w in zip(entries, weights):
-        result.add_(e.tensor.to(compute), alpha=w / total)
-    return result
 
 
 FISHER = merge_method(
@@ -185,9 +211,13 @@ FISHER = merge_method(
 
 
 def register_methods() -> None:
-    """Register ``fisher`` with mergekit, once (mergekit's ``register`` refuses duplicates)."""
-    if FISHER.spec.name not in {m.spec.name for m in registered_methods()}:
-        register(FISHER)
+    """Register ``fisher`` and ``regmean`` with mergekit, once (``register`` refuses duplicates)."""
+    from mergekit_fisher.regmean import REGMEAN
+
+    known = {m.spec.name for m in registered_methods()}
+    for method in (FISHER, REGMEAN):
+        if method.spec.name not in known:
+            register(method)
 
 
 register_methods()

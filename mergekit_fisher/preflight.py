@@ -17,7 +17,8 @@ from typing import Any
 
 from mergekit.config import MergeConfiguration
 
-from mergekit_fisher.method import PARAMETERS, RecipeError, take_averaged_report
+from mergekit_fisher import method, regmean
+from mergekit_fisher.method import RecipeError, take_averaged_report
 from mergekit_fisher.store import FisherStore, StoreError, open_store
 
 LOG = logging.getLogger(__name__)
@@ -72,32 +73,43 @@ def _inputs(config: MergeConfiguration) -> list[tuple[str, dict[str, Any]]]:
     return list(inputs.items())
 
 
+# merge_method -> (the parameters it accepts, the parameter naming each input's store)
+METHODS = {"fisher": (method.PARAMETERS, "fisher"), "regmean": (regmean.PARAMETERS, "gram")}
+
+
 def check_recipe(config: MergeConfiguration) -> list[ServedModel]:
-    """Validate a ``fisher`` recipe and open every store; [] for other methods."""
-    if config.merge_method != "fisher":
+    """Validate a ``fisher``/``regmean`` recipe and open every store; [] for other methods."""
+    if config.merge_method not in METHODS:
         return []
+    accepted, key = METHODS[config.merge_method]
     for where, params in _parameter_blocks(config):
-        unknown = sorted(set(params) - set(PARAMETERS))
+        unknown = sorted(set(params) - set(accepted))
         if unknown:
             raise RecipeError(
-                f"unknown parameter(s) {unknown} in {where}: merge_method fisher accepts "
-                f"{list(PARAMETERS)} (mergekit would silently ignore them)"
+                f"unknown parameter(s) {unknown} in {where}: merge_method "
+                f"{config.merge_method} accepts {list(accepted)} (mergekit would silently "
+                "ignore them)"
             )
-    shared = _fisher_refs((config.parameters or {}).get("fisher"))
+    shared = _fisher_refs((config.parameters or {}).get(key))
     served = []
     for model, params in _inputs(config):
-        refs = _fisher_refs(params.get("fisher")) or shared
+        refs = _fisher_refs(params.get(key)) or shared
         if not refs:
             raise RecipeError(
-                f"model {model} has no `fisher` parameter: add `parameters: {{fisher: <store "
-                "directory or Hub id>}}` to it (every input of merge_method: fisher needs one, "
-                "base_model included)"
+                f"model {model} has no `{key}` parameter: add `parameters: {{{key}: <store "
+                f"directory or Hub id>}}` to it (every input of merge_method "
+                f"{config.merge_method} needs one, base_model included)"
             )
         for ref in dict.fromkeys(refs):
             try:
                 store = open_store(ref)
             except StoreError as error:
                 raise StoreError(f"model {model}: {error}") from None
+            if store.statistic != key:
+                raise StoreError(
+                    f"model {model}: {ref} holds {store.statistic} statistics; merge_method "
+                    f"{config.merge_method} needs a {key} store"
+                )
             served.append(ServedModel(model, ref, store))
             LOG.info("model %s <- Fisher store %s", model, store.path)
     return served

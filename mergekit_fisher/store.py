@@ -57,6 +57,7 @@ DEFAULT_SHARD_SIZE = 5 * 1024**3
 FINGERPRINT_SAMPLES = 64
 
 GRANULARITIES = ("full", "nodes")
+STATISTICS = ("fisher", "gram")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -150,19 +151,36 @@ def _broadcasts_to(shape: Iterable[int], target: Iterable[int]) -> bool:
         return False
 
 
-def _tensor_stats(name: str, tensor: torch.Tensor, weight_shape: tuple[int, ...]) -> TensorStats:
-    if not _broadcasts_to(tensor.shape, weight_shape):
+def _check_tensor(
+    name: str, tensor: torch.Tensor, weight_shape: tuple[int, ...], statistic: str
+) -> None:
+    """Refuse what the merge could not use: wrong shape, NaN/Inf, a negative Fisher."""
+    if statistic == "gram":
+        if (
+            tensor.ndim != 2
+            or tensor.shape[0] != tensor.shape[1]
+            or tensor.shape[1] != weight_shape[-1]
+        ):
+            raise StoreError(
+                f"Gram tensor {name!r} has shape {list(tensor.shape)}; a weight of shape "
+                f"{list(weight_shape)} needs a square [{weight_shape[-1]}, {weight_shape[-1]}] Gram"
+            )
+    elif not _broadcasts_to(tensor.shape, weight_shape):
         raise StoreError(
             f"Fisher tensor {name!r} has shape {list(tensor.shape)}, which does not broadcast to "
             f"its weight's shape {list(weight_shape)}: pass the weight's shape or a broadcastable one"
         )
-    t = tensor.detach().double()
-    if not torch.isfinite(t).all():
-        raise StoreError(f"Fisher tensor {name!r} has NaN or Inf values: refusing to write it")
-    if t.numel() and t.min() < 0:
+    if not torch.isfinite(tensor).all():
+        raise StoreError(f"{statistic} tensor {name!r} has NaN or Inf values: refusing to write it")
+    if statistic == "fisher" and tensor.numel() and tensor.min() < 0:
         raise StoreError(
             f"Fisher tensor {name!r} has negative values: a diagonal Fisher is a mean of squares"
         )
+
+
+def _tensor_stats(tensor: torch.Tensor, weight_shape: tuple[int, ...]) -> TensorStats:
+    """Statistics of the stored values, as if broadcast to ``weight_shape``."""
+    t = tensor.double()
     repeat = math.prod(weight_shape) // max(t.numel(), 1)
     return TensorStats(
         shape=tuple(tensor.shape),
@@ -227,55 +245,70 @@ def write_store(
     store_dtype: torch.dtype = torch.bfloat16,
     shard_size: int = DEFAULT_SHARD_SIZE,
     overwrite: bool = False,
+    statistic: str = "fisher",
+    consumers: Mapping[str, str] | None = None,
 ) -> FisherStore:
-    """Write a v1 Fisher store atomically and return it opened.
+    """Write a v1 store atomically and return it opened.
 
-    ``weights`` maps each Fisher tensor's name to the weight it describes: it gives the shape
-    that broadcast tensors are expanded to for statistics and the binding fingerprint. Without
-    it the store is unbound (the merge cannot check that it describes the right weights) and each
+    ``weights`` maps each weight name to the weight a tensor describes: it gives the shape that
+    broadcast tensors are expanded to for statistics and the binding fingerprint. Without it the
+    store is unbound (the merge cannot check that it describes the right weights) and each
     Fisher tensor must have its weight's full shape.
+
+    ``statistic="gram"`` stores input Gram matrices for RegMean; ``consumers`` then maps every
+    weight name to the Gram tensor of its input (q/k/v projections share one).
     """
     if granularity not in GRANULARITIES:
         raise StoreError(f"granularity must be one of {GRANULARITIES}, not {granularity!r}")
+    if statistic not in STATISTICS:
+        raise StoreError(f"statistic must be one of {STATISTICS}, not {statistic!r}")
     if not fisher:
-        raise StoreError("refusing to write an empty Fisher store: no tensors were given")
+        raise StoreError("refusing to write an empty store: no tensors were given")
+    consumers = dict(consumers) if consumers is not None else {n: n for n in fisher}
+    unknown = sorted(set(consumers.values()) - set(fisher))
+    if unknown:
+        raise StoreError(f"consumers name tensor(s) {unknown[:5]} that were not given")
     if weights is not None:
-        absent = sorted(set(fisher) - set(weights))
+        absent = sorted(set(consumers) - set(weights))
         if absent:
-            raise StoreError(f"no weight given for Fisher tensor(s) {absent[:5]}: cannot bind them")
-    stats = {
-        name: _tensor_stats(
-            name, tensor, tuple(weights[name].shape) if weights is not None else tuple(tensor.shape)
-        )
-        for name, tensor in fisher.items()
+            raise StoreError(f"no weight given for tensor(s) {absent[:5]}: cannot bind them")
+    shapes = {
+        weight: tuple(weights[weight].shape) if weights is not None else tuple(fisher[name].shape)
+        for weight, name in consumers.items()
     }
+    for weight, name in consumers.items():
+        _check_tensor(name, fisher[name], shapes[weight], statistic)
     stored = {
         name: tensor.detach().to(device="cpu", dtype=store_dtype).contiguous()
         for name, tensor in fisher.items()
     }
-    # Statistics describe what the merge will read: recompute them on the stored values.
-    stats = {name: _tensor_stats(name, stored[name], stats[name].weight_shape) for name in stored}
+    # Statistics describe what the merge will read: the stored values, expanded as used.
+    expanded = {name: tuple(stored[name].shape) for name in stored}
+    for weight, name in consumers.items():
+        if statistic == "fisher":
+            expanded[name] = shapes[weight]
+    stats = {name: _tensor_stats(stored[name], expanded[name]) for name in stored}
     total_sumsq = sum(s.sumsq for s in stats.values())
     config = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
+        "statistic": statistic,
         "model": {"name_or_path": model, "revision": revision},
         "granularity": granularity,
-        "uncovered": "average" if granularity == "nodes" else "error",
+        "uncovered": "average" if granularity == "nodes" or statistic == "gram" else "error",
         "store_dtype": str(store_dtype).removeprefix("torch."),
         "estimator": dict(estimator or {}),
         "statistics": {
             "global_l2_norm": math.sqrt(total_sumsq),
             "global_sum": sum(s.sum for s in stats.values()),
             "num_tensors": len(stats),
-            "num_elements": sum(math.prod(s.weight_shape) for s in stats.values()),
+            "num_elements": sum(math.prod(shapes[w]) for w in consumers),
             "stored_elements": sum(t.numel() for t in stored.values()),
             "tensors": {name: stats[name].to_json() for name in sorted(stats)},
         },
+        "consumers": {w: consumers[w] for w in sorted(consumers)},
         "binding": (
-            {name: fingerprint(weights[name]) for name in sorted(fisher)}
-            if weights is not None
-            else None
+            {w: fingerprint(weights[w]) for w in sorted(consumers)} if weights is not None else None
         ),
     }
     with atomic_directory(Path(out), overwrite=overwrite) as tmp:
@@ -296,7 +329,7 @@ def write_store(
             )
         _write_json(tmp / CONFIG_NAME, config)
         (tmp / CARD_NAME).write_text(render_card(config), encoding="utf-8")
-    LOG.info("wrote Fisher store %s (%d tensors)", out, len(stored))
+    LOG.info("wrote %s store %s (%d tensors)", statistic, out, len(stored))
     return FisherStore(Path(out))
 
 
@@ -407,6 +440,9 @@ class FisherStore:
         if absent:
             raise StoreError(f"{self.ref} is incomplete: tensor(s) {absent[:5]} are in no file")
         self._binding: dict[str, Any] | None = self.config.get("binding")
+        self._tensor_of: dict[str, str] = self.config.get("consumers") or {
+            n: n for n in self._stats
+        }
         self._by_fingerprint_lock = threading.Lock()
         self._shape_index: dict[tuple[int, ...], list[str]] | None = None
 
@@ -450,8 +486,13 @@ class FisherStore:
     def names(self) -> list[str]:
         return sorted(self._stats)
 
-    def __contains__(self, name: object) -> bool:
-        return name in self._stats
+    def __contains__(self, weight: object) -> bool:
+        """Whether the store describes the weight of that name."""
+        return weight in self._tensor_of
+
+    @property
+    def statistic(self) -> str:
+        return str(self.config.get("statistic", "fisher"))
 
     @property
     def granularity(self) -> str:
@@ -478,8 +519,13 @@ class FisherStore:
         return self._stats[name]
 
     # ----- tensors
-    def get(self, name: str, device: torch.device | str | None = None) -> torch.Tensor:
-        """One Fisher tensor as float32 (validated: finite, non-negative)."""
+    def get(
+        self,
+        name: str,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """One tensor (validated: finite; a Fisher also non-negative)."""
         try:
             filename = self._weight_map[name]
         except KeyError:
@@ -493,39 +539,33 @@ class FisherStore:
                 f"cannot read {name!r} from {self.path / filename} ({error}): the store is "
                 "corrupt or truncated; re-create or re-download it"
             ) from None
-        tensor = tensor.to(device=device or "cpu", dtype=torch.float32)
+        tensor = tensor.to(device=device or "cpu", dtype=dtype)
         if not torch.isfinite(tensor).all():
-            raise StoreError(f"{self.ref}: Fisher tensor {name!r} has NaN/Inf values; re-estimate")
-        if tensor.numel() and tensor.min() < 0:
+            raise StoreError(f"{self.ref}: tensor {name!r} has NaN/Inf values; re-estimate")
+        if self.statistic == "fisher" and tensor.numel() and tensor.min() < 0:
             raise StoreError(f"{self.ref}: Fisher tensor {name!r} has negative values; re-estimate")
         return tensor
 
-    def locate(self, name: str, weight: torch.Tensor, aliases: Iterable[str] = ()) -> str | None:
+    def locate(self, name: str, weight: torch.Tensor) -> str | None:
         """The store tensor that describes ``weight``, arriving under output name ``name``.
 
-        Name (then aliases) first when its binding matches; otherwise the unique tensor whose
-        binding matches the weight's values. ``None`` when the store has no such tensor.
-        Unbound stores can only answer by name.
+        By name when that weight's binding matches; otherwise the tensor of the unique weight
+        whose binding matches the arriving values. ``None`` when the store describes no such
+        weight. Unbound stores can only answer by name.
         """
-        candidates = [n for n in (name, *aliases) if n in self._stats]
         if self._binding is None:
-            return candidates[0] if candidates else None
-        for candidate in candidates:
-            if binding_matches(self._binding[candidate], weight):
-                return candidate
+            return self._tensor_of.get(name)
+        if name in self._binding and binding_matches(self._binding[name], weight):
+            return self._tensor_of[name]
         matches = [
             other
             for other in self._same_shape(tuple(weight.shape))
-            if other not in candidates and binding_matches(self._binding[other], weight)
+            if other != name and binding_matches(self._binding[other], weight)
         ]
         if len(matches) == 1:
-            LOG.info("%s: weight %r is served by Fisher tensor %r", self.ref, name, matches[0])
-            return matches[0]
+            LOG.info("%s: weight %r is served by the tensor of %r", self.ref, name, matches[0])
+            return self._tensor_of[matches[0]]
         return None
-
-    def describes_other_weights(self, name: str) -> bool:
-        """``name`` is in the store but bound to other weights (after ``locate`` found nothing)."""
-        return name in self._stats and self._binding is not None
 
     def _same_shape(self, shape: tuple[int, ...]) -> list[str]:
         with self._by_fingerprint_lock:

@@ -1,0 +1,135 @@
+"""The `regmean` merge method through mergekit, against a dense float64 reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_method import model_tensors, run_recipe, stored_fisher
+
+from mergekit_fisher.store import StoreError, clear_cache, write_store
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():  # type: ignore[no-untyped-def]
+    clear_cache()
+    yield
+    clear_cache()
+
+
+def input_key(name: str) -> str:
+    """Llama projections that read the same input share one Gram."""
+    for group, members in (
+        ("qkv", ("q_proj", "k_proj", "v_proj")),
+        ("gate_up", ("gate_proj", "up_proj")),
+    ):
+        for member in members:
+            if f".{member}." in name:
+                return name.replace(member, group).removesuffix(".weight") + ".input"
+    return name.removesuffix(".weight") + ".input"
+
+
+def make_gram_store(model: Path, out: Path, seed: int, dead_input: bool = False) -> Path:
+    weights = model_tensors(model)
+    g = torch.Generator().manual_seed(seed)
+    grams: dict[str, torch.Tensor] = {}
+    consumers = {}
+    for name, w in weights.items():
+        if w.ndim != 2 or "embed" in name:
+            continue
+        key = input_key(name)
+        if key not in grams:
+            x = torch.randn(w.shape[1], 3 * w.shape[1], generator=g)
+            if dead_input:
+                x[0] = 0.0
+            grams[key] = x @ x.T / x.shape[1]
+        consumers[name] = key
+    write_store(
+        out,
+        grams,
+        weights={n: weights[n] for n in consumers},
+        statistic="gram",
+        consumers=consumers,
+        store_dtype=torch.float32,
+    )
+    return out
+
+
+def regmean_reference(
+    models: list[Path], stores: list[Path], weights: list[float], alpha: float
+) -> dict[str, torch.Tensor]:
+    thetas = [model_tensors(m) for m in models]
+    grams = [stored_fisher(s) for s in stores]
+    out = {}
+    for name in thetas[0]:
+        if name.endswith("embed_tokens.weight") or thetas[0][name].ndim != 2:
+            out[name] = sum(w * t[name].double() for w, t in zip(weights, thetas)) / sum(weights)
+            continue
+        total = 0
+        rhs = 0
+        for w, t, gs in zip(weights, thetas, grams):
+            g = gs[input_key(name)].double()
+            g = alpha * g + (1 - alpha) * torch.diag(torch.diag(g))
+            total = total + w * g
+            rhs = rhs + w * t[name].double() @ g
+        out[name] = rhs @ torch.linalg.inv(total)
+    return out
+
+
+def regmean_recipe(
+    models: list[Path], stores: list[Path], weights: list[float], **params: object
+) -> dict:
+    return {
+        "merge_method": "regmean",
+        "models": [
+            {"model": str(m), "parameters": {"weight": w, "gram": str(s)}}
+            for m, s, w in zip(models, stores, weights)
+        ],
+        "parameters": params,
+        "dtype": "float32",
+    }
+
+
+@pytest.mark.parametrize(
+    ("weights", "alpha"), [([1.0, 1.0], 0.9), ([1.0, 2.0], 0.5), ([1.0, 1.0], 1.0)]
+)
+def test_regmean_matches_dense_reference(
+    tmp_path: Path, tiny_llama_pair, weights: list[float], alpha: float
+) -> None:  # type: ignore[no-untyped-def]
+    models = list(tiny_llama_pair)
+    stores = [make_gram_store(m, tmp_path / f"g{i}", seed=i) for i, m in enumerate(models)]
+    merged = run_recipe(regmean_recipe(models, stores, weights, alpha=alpha), tmp_path / "out")
+    ref = regmean_reference(models, stores, weights, alpha)
+    assert set(merged) == set(ref)
+    for name, tensor in merged.items():
+        torch.testing.assert_close(tensor.double(), ref[name], rtol=1e-5, atol=1e-5, msg=name)
+    # The reference is not a plain average: RegMean must move the linear weights.
+    a, b = (model_tensors(m)["model.layers.0.self_attn.q_proj.weight"] for m in models)
+    assert not torch.allclose(
+        merged["model.layers.0.self_attn.q_proj.weight"],
+        (a * weights[0] + b * weights[1]) / sum(weights),
+        atol=1e-3,
+    )
+
+
+def test_regmean_with_a_dead_input_still_solves(tmp_path: Path, tiny_llama_pair) -> None:  # type: ignore[no-untyped-def]
+    models = list(tiny_llama_pair)
+    stores = [
+        make_gram_store(m, tmp_path / f"g{i}", seed=i, dead_input=True)
+        for i, m in enumerate(models)
+    ]
+    merged = run_recipe(regmean_recipe(models, stores, [1.0, 1.0], alpha=1.0), tmp_path / "out")
+    assert all(torch.isfinite(t).all() for t in merged.values())
+
+
+def test_fisher_and_regmean_refuse_each_others_stores(tmp_path: Path, tiny_llama_pair) -> None:  # type: ignore[no-untyped-def]
+    from test_method import fisher_recipe, make_store
+
+    models = list(tiny_llama_pair)
+    grams = [make_gram_store(m, tmp_path / f"g{i}", seed=i) for i, m in enumerate(models)]
+    fishers = [make_store(m, tmp_path / f"f{i}", seed=i) for i, m in enumerate(models)]
+    with pytest.raises(StoreError, match="needs a fisher store"):
+        run_recipe(fisher_recipe(models, grams, [1.0, 1.0]), tmp_path / "o1")
+    with pytest.raises(StoreError, match="needs a gram store"):
+        run_recipe(regmean_recipe(models, fishers, [1.0, 1.0]), tmp_path / "o2")
