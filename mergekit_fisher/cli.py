@@ -67,6 +67,70 @@ def merge_command(args: tuple[str, ...]) -> None:
     run_mergekit_yaml(list(args))
 
 
+@main.command("search")
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
+@click.option("--data", "data", multiple=True, required=True, help="Held-out data (repeatable).")
+@click.option(
+    "--grid",
+    multiple=True,
+    help="KEY=V1,V2,... (repeatable). `weight` is searched per model (all but the first); "
+    "shared keys such as epsilon or alpha as listed. Default: weight=0.25,0.5,1,2,4.",
+)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Best recipe (YAML).")
+@click.option("--num-samples", default=64, show_default=True, help="Held-out sequences to score.")
+@click.option("--max-length", default=256, show_default=True, help="Tokens per sequence.")
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--text-field", default="text", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="Where candidates are scored.")
+@click.option("--cuda", is_flag=True, help="Merge candidates on the GPU (mergekit --cuda).")
+@click.option("-v", "--verbose", count=True)
+def search_command(
+    recipe: str,
+    data: tuple[str, ...],
+    grid: tuple[str, ...],
+    out: str,
+    num_samples: int,
+    max_length: int,
+    batch_size: int,
+    text_field: str,
+    device: str,
+    cuda: bool,
+    verbose: int,
+) -> None:
+    """Search a recipe's merge coefficients by held-out loss; write the best recipe."""
+    import os
+    from pathlib import Path
+
+    import yaml
+
+    from mergekit_fisher.search import parse_grid, search
+
+    _setup_logging(verbose)
+    source = yaml.safe_load(Path(recipe).read_text(encoding="utf-8"))
+    result = search(
+        source,
+        data,
+        grid=parse_grid(grid),
+        num_samples=num_samples,
+        max_length=max_length,
+        batch_size=batch_size,
+        device=device,
+        text_field=text_field,
+        merge_options={"cuda": cuda},
+    )
+    click.echo(f"{'held-out loss':>14}  {'seconds':>8}  candidate")
+    for candidate in sorted(result.candidates, key=lambda c: c.loss):
+        mark = "*" if candidate is result.best else " "
+        click.echo(f"{candidate.loss:>13.4f}{mark}  {candidate.seconds:>8.1f}  {candidate.label()}")
+    tmp = Path(out).with_name(f".{Path(out).name}.partial")
+    tmp.write_text(yaml.safe_dump(result.best_recipe, sort_keys=False), encoding="utf-8")
+    os.replace(tmp, out)
+    click.echo(
+        f"best: {result.best.label()} (loss {result.best.loss:.4f} on {result.sample_tokens} "
+        f"tokens); {len(result.candidates)} candidates in {result.seconds:.1f}s; wrote {out}"
+    )
+
+
 @main.command("inspect")
 @click.argument("store")
 @click.option("--revision", default=None, help="Hub revision, for a repo id.")

@@ -39,9 +39,10 @@ from typing import TYPE_CHECKING, Any
 from mergekit_fisher.errors import FisherError
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["CalibrationData", "DataError", "Example", "load_calibration_data"]
+__all__ = ["Batch", "CalibrationData", "DataError", "Example", "load_calibration_data", "pad_batch"]
 
 logger = logging.getLogger(__name__)
 
@@ -655,3 +656,28 @@ def _fingerprint(
     }
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Right-padded tensors of a few examples: what a model forward needs, plus the targets."""
+
+    input_ids: torch.Tensor  # [B, T] int64
+    attention_mask: torch.Tensor  # [B, T] int64, 0 on padding
+    target_mask: torch.Tensor  # [B, T] bool, False on padding
+
+
+def pad_batch(examples: Sequence[Example], pad_id: int) -> Batch:
+    """Right-pad ``examples`` to their longest length; padding is never attended or a target."""
+    import torch
+
+    length = max(len(ex.input_ids) for ex in examples)
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.int64)
+    attention = torch.zeros((len(examples), length), dtype=torch.int64)
+    targets = torch.zeros((len(examples), length), dtype=torch.bool)
+    for row, ex in enumerate(examples):
+        n = len(ex.input_ids)
+        ids[row, :n] = torch.tensor(ex.input_ids, dtype=torch.int64)
+        attention[row, :n] = 1
+        targets[row, :n] = torch.tensor(ex.target_mask, dtype=torch.bool)
+    return Batch(ids, attention, targets)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -98,6 +101,81 @@ def tiny_llama_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
     """Two different models of the same architecture (the usual merge inputs)."""
     root = tmp_path_factory.mktemp("pair")
     return save_tiny_model(root / "a", seed=1), save_tiny_model(root / "b", seed=2)
+
+
+# ------------------------------------------------------------------ merge helpers (shared)
+
+
+def model_tensors(path: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
+    return tensors
+
+
+def make_store(
+    model: Path,
+    out: Path,
+    seed: int,
+    *,
+    broadcast: tuple[str, ...] = (),
+    zero_fraction: float = 0.3,
+    drop: tuple[str, ...] = (),
+    **kwargs: Any,
+) -> Path:
+    """A store of random Fisher values (some exactly zero) bound to ``model``'s weights."""
+    weights = model_tensors(model)
+    g = torch.Generator().manual_seed(seed)
+    fisher = {}
+    for name, w in weights.items():
+        if name in drop:
+            continue
+        shape = (w.shape[0], 1) if name in broadcast else w.shape
+        f = torch.rand(shape, generator=g) ** 4
+        f[torch.rand(shape, generator=g) < zero_fraction] = 0.0
+        fisher[name] = f
+    from mergekit_fisher.store import write_store
+
+    write_store(out, fisher, weights={n: weights[n] for n in fisher}, model=str(model), **kwargs)
+    return out
+
+
+def stored_fisher(store: Path) -> dict[str, torch.Tensor]:
+    """Read a store's tensors with plain safetensors (independent of the reader under test)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for file in store.glob("*.safetensors"):
+        tensors.update(load_file(str(file)))
+    return tensors
+
+
+def run_recipe(recipe: dict[str, Any], out: Path, **options: Any) -> dict[str, torch.Tensor]:
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    import mergekit_fisher.method  # noqa: F401  (registers `fisher`)
+
+    run_merge(
+        MergeConfiguration.model_validate(recipe),
+        str(out),
+        options=MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False, **options),
+    )
+    return model_tensors(out)
+
+
+def fisher_recipe(
+    models: list[Path], stores: list[Path], weights: list[float], **params: Any
+) -> dict:
+    return {
+        "merge_method": "fisher",
+        "models": [
+            {"model": str(m), "parameters": {"weight": w, "fisher": str(s)}}
+            for m, s, w in zip(models, stores, weights)
+        ],
+        "parameters": params,
+        "dtype": "float32",
+    }
 
 
 def has_cuda() -> bool:

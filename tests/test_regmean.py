@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_method import model_tensors, run_recipe, stored_fisher
+from conftest import fisher_recipe, make_store, model_tensors, run_recipe, stored_fisher
 
 from mergekit_fisher.store import StoreError, clear_cache, write_store
 
@@ -124,8 +124,6 @@ def test_regmean_with_a_dead_input_still_solves(tmp_path: Path, tiny_llama_pair)
 
 
 def test_fisher_and_regmean_refuse_each_others_stores(tmp_path: Path, tiny_llama_pair) -> None:  # type: ignore[no-untyped-def]
-    from test_method import fisher_recipe, make_store
-
     models = list(tiny_llama_pair)
     grams = [make_gram_store(m, tmp_path / f"g{i}", seed=i) for i, m in enumerate(models)]
     fishers = [make_store(m, tmp_path / f"f{i}", seed=i) for i, m in enumerate(models)]
