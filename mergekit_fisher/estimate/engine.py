@@ -1,0 +1,187 @@
+"""The accumulation loop: batches in, per-example squared gradients into a collector.
+
+Definition (docs/fisher.md). For sequence n with target positions T_n,
+g_n = grad sum_{t in T_n} log p(y_t | x_<t), with y_t the data token (``empirical``) or a draw
+from the model's own p(. | x_<t) (``sampled``). F = (1/N) sum_n (1/K) sum_k g_{n,k}^2.
+
+Draws do not depend on batch composition, device or rank: example n's k-th draw at its target
+positions uses a CPU ``torch.Generator`` seeded by :func:`example_seed` (seed, n, k) and
+inverse-CDF sampling (:func:`sample_targets`). One forward serves all K draws (K backward
+passes through the retained graph).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from mergekit_fisher.estimate.config import EstimateError
+from mergekit_fisher.estimate.taps import BatchState
+
+LOG = logging.getLogger(__name__)
+
+_SAMPLE_ROWS = 256  # softmax/cumsum rows at a time when drawing labels
+
+
+class Collector(Protocol):
+    granularity: str
+    accumulators: dict[str, torch.Tensor]
+
+    def install(self) -> None: ...
+    def remove(self) -> None: ...
+
+
+def example_seed(seed: int, index: int, draw: int) -> int:
+    """The generator seed for example ``index``'s ``draw``-th label draw (63 bits)."""
+    digest = hashlib.sha256(f"mergekit-fisher:{seed}:{index}:{draw}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def sample_targets(logits: torch.Tensor, seed: int, index: int, draw: int) -> torch.Tensor:
+    """Draw one label per row of ``logits`` [n, V] from softmax(logits), by inverse CDF.
+
+    u_i ~ U[0, 1) from a CPU generator seeded by (seed, index, draw); label i = the first token
+    whose cumulative probability exceeds u_i * (total mass). Same rule everywhere: the tests'
+    naive reference uses it too.
+    """
+    n, vocab = logits.shape
+    gen = torch.Generator(device="cpu").manual_seed(example_seed(seed, index, draw))
+    u = torch.rand(n, generator=gen, dtype=torch.float64)
+    out = torch.empty(n, dtype=torch.long, device=logits.device)
+    work = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    for s in range(0, n, _SAMPLE_ROWS):
+        cdf = torch.softmax(logits[s : s + _SAMPLE_ROWS].to(work), -1).cumsum_(-1)
+        target = u[s : s + _SAMPLE_ROWS].to(device=cdf.device, dtype=work).unsqueeze(1)
+        picked = torch.searchsorted(cdf, target * cdf[:, -1:], right=True).squeeze(1)
+        out[s : s + _SAMPLE_ROWS] = picked.clamp_(max=vocab - 1)
+    return out
+
+
+@dataclass
+class Batch:
+    """Right-padded examples: positions match the unbatched sequence exactly."""
+
+    indices: list[int]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    target_mask: torch.Tensor
+    lengths: list[int]
+
+    @property
+    def num_targets(self) -> int:
+        return int(self.target_mask.sum())
+
+
+def collate(examples: Sequence[Any], indices: Sequence[int], device: torch.device) -> Batch:
+    """Pad ``examples`` (``data.Example``) on the right; padding is never a target."""
+    lengths = [len(ex.input_ids) for ex in examples]
+    width = max(lengths)
+    ids = torch.zeros(len(examples), width, dtype=torch.long)
+    attn = torch.zeros(len(examples), width, dtype=torch.long)
+    mask = torch.zeros(len(examples), width, dtype=torch.bool)
+    for i, ex in enumerate(examples):
+        n = lengths[i]
+        ids[i, :n] = torch.tensor(ex.input_ids, dtype=torch.long)
+        attn[i, :n] = 1
+        mask[i, :n] = torch.tensor(ex.target_mask, dtype=torch.bool)
+    return Batch(
+        indices=list(indices),
+        input_ids=ids.to(device),
+        attention_mask=attn.to(device),
+        target_mask=mask.to(device),
+        lengths=lengths,
+    )
+
+
+@dataclass
+class BatchOutcome:
+    counted: int = 0
+    tokens: int = 0
+    skipped: list[int] = field(default_factory=list)
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where input ids go: the input embedding's device (right under ``device_map``)."""
+    try:
+        return model.get_input_embeddings().weight.device  # type: ignore[operator,union-attr]
+    except (AttributeError, NotImplementedError):
+        return next(model.parameters()).device
+
+
+def run_batch(
+    model: nn.Module,
+    batch: Batch,
+    state: BatchState,
+    *,
+    mode: str,
+    samples_per_example: int,
+    seed: int,
+    skip_nonfinite: bool,
+    describe: Any = None,
+) -> BatchOutcome:
+    """Forward once, backward K times; the installed collector accumulates per-example squares."""
+    state.begin(batch.lengths, skip_nonfinite, batch.input_ids.device)
+    try:
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        logits = out.logits[:, :-1]
+        work = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        logits = logits.to(work)
+        targets = batch.target_mask[:, 1:].to(logits.device)
+        lse = torch.logsumexp(logits, -1)
+        finite = torch.isfinite(torch.where(targets, lse, 0).sum(1))
+        bad = [i for i, ok in enumerate(finite.tolist()) if not ok]
+        if bad and not skip_nonfinite:
+            raise _nonfinite(batch.indices[bad[0]], "log-likelihood", describe)
+        if bad:
+            state.bad[torch.tensor(bad, device=state.bad.device)] = True  # type: ignore[index]
+            targets = targets & finite.unsqueeze(1)
+        keep = finite.to(logits.device)
+        draws = samples_per_example if mode == "sampled" else 1
+        for k in range(draws):
+            labels = _labels(batch, logits, targets, mode, seed, k)
+            picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse
+            loglik = torch.where(targets, picked, 0).sum(1)
+            torch.where(keep, loglik, 0).sum().backward(retain_graph=k < draws - 1)
+        late = [i for i in state.nonfinite() if i not in bad]
+        if late and not skip_nonfinite:
+            raise _nonfinite(batch.indices[late[0]], "gradient", describe)
+        if late:
+            LOG.warning(
+                "example(s) %s: gradient became non-finite during backward; skipped from there on "
+                "(layers nearer the output keep their finite part)",
+                [batch.indices[i] for i in late],
+            )
+        skipped = sorted(set(bad) | set(late))
+        counted = [i for i in range(len(batch.indices)) if i not in skipped]
+        tokens = int(batch.target_mask[counted].sum()) if counted else 0
+        return BatchOutcome(len(counted), tokens, [batch.indices[i] for i in skipped])
+    finally:
+        state.end()
+
+
+def _labels(
+    batch: Batch, logits: torch.Tensor, targets: torch.Tensor, mode: str, seed: int, draw: int
+) -> torch.Tensor:
+    if mode == "empirical":
+        return batch.input_ids[:, 1:].to(logits.device)
+    labels = torch.zeros(targets.shape, dtype=torch.long, device=logits.device)
+    with torch.no_grad():
+        for i, index in enumerate(batch.indices):
+            pos = torch.nonzero(targets[i]).flatten()
+            if len(pos):
+                labels[i, pos] = sample_targets(logits[i, pos].detach(), seed, index, draw)
+    return labels
+
+
+def _nonfinite(index: int, what: str, describe: Any) -> EstimateError:
+    where = describe(index) if describe is not None else f"example {index}"
+    return EstimateError(
+        f"{where} has a non-finite {what}: pass --skip-nonfinite to skip such examples "
+        "(counted in the store metadata), or compute in float32 (--dtype float32)"
+    )

@@ -1,0 +1,241 @@
+"""Full-granularity collector: the exact per-example squared gradient of every parameter.
+
+Per example b (sequence), with X the module input and dY its output gradient (both [T, .]):
+
+* ``nn.Linear``: grad W_b = dY_b^T X_b (one ``bmm`` over the batch), grad bias_b = sum_t dY_b.
+* ``nn.Embedding``: grad E_b = rows of dY_b scattered by token id (``index_add`` over the
+  example's unique ids), padding positions and ``padding_idx`` excluded.
+* Tied ``lm_head``/``embed_tokens`` (one parameter): the two contributions are summed per
+  example *before* squaring, via (a + e)^2 = a^2 + 2ae + e^2 on the rows the example touches,
+  with a = the lm_head part (dense) and e = the embedding part (sparse).
+* Anything else with its own parameters (RMSNorm, LayerNorm, Gemma's (1 + w) norms, q/k
+  norms): per-example gradients of <dY_b, module(X_b)> by ``torch.func.vmap(grad)``: exact,
+  a cheap recompute of the module.
+
+Squares are summed over the batch into accumulators of float32 (float64 for a float64 model);
+a batch's per-example gradients live only inside one module's backward, ``chunk_bytes`` at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from mergekit_fisher.estimate.config import EstimateError
+from mergekit_fisher.estimate.taps import BatchState, tap
+
+LOG = logging.getLogger(__name__)
+
+
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 at least; float64 stays float64 (exactness tests)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunks(batch: int, per_example_bytes: int, budget: int) -> Iterator[slice]:
+    step = max(1, budget // max(per_example_bytes, 1))
+    for start in range(0, batch, step):
+        yield slice(start, min(start + step, batch))
+
+
+class FullCollector:
+    """Installs taps on every parameterised module of ``model``; owns the accumulators."""
+
+    granularity = "full"
+
+    def __init__(self, model: nn.Module, state: BatchState, chunk_bytes: int = 256 * 1024**2):
+        self.model = model
+        self.state = state
+        self.chunk_bytes = chunk_bytes
+        self.names: dict[int, str] = {}
+        self.params: dict[str, nn.Parameter] = {}
+        for name, param in model.named_parameters():
+            self.names[id(param)] = name
+            self.params[name] = param
+        self.accumulators: dict[str, torch.Tensor] = {
+            name: torch.zeros(p.shape, dtype=accumulator_dtype(p.dtype), device=p.device)
+            for name, p in self.params.items()
+        }
+        self._handles: list[Any] = []
+        self._stash: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._in_fallback = False
+        self._plan()
+
+    # ----------------------------------------------------------------- installation
+    def _plan(self) -> None:
+        """Assign every parameter to exactly one handler (tied lm_head: two, summed)."""
+        owners: dict[str, list[str]] = {}
+        embedding_params = set()
+        self._modules: list[tuple[str, nn.Module, str]] = []
+        for mname, module in self.model.named_modules():
+            direct = list(module.named_parameters(recurse=False))
+            if not direct:
+                continue
+            if isinstance(module, nn.Linear):
+                kind = "linear"
+            elif isinstance(module, nn.Embedding):
+                kind = "embedding"
+                if module.max_norm is not None:
+                    raise EstimateError(
+                        f"embedding {mname!r} uses max_norm: its per-example gradient is not "
+                        "supported; use --granularity nodes"
+                    )
+                if type(module).forward is not nn.Embedding.forward and not hasattr(
+                    module, "embed_scale"
+                ):
+                    kind = "generic"
+            else:
+                kind = "generic"
+            for pname, param in direct:
+                owners.setdefault(self.names[id(param)], []).append(f"{mname}.{pname}")
+                if kind == "embedding":
+                    embedding_params.add(id(param))
+            self._modules.append((mname, module, kind))
+        self._tied: set[str] = set()
+        for name, users in owners.items():
+            if len(users) == 1:
+                continue
+            if len(users) == 2 and id(self.params[name]) in embedding_params:
+                self._tied.add(name)
+                continue
+            raise EstimateError(
+                f"parameter {name!r} is shared by modules {users}: only a tied lm_head and "
+                "input embedding are supported for per-example gradients; use --granularity nodes"
+            )
+
+    def install(self) -> None:
+        for mname, module, kind in self._modules:
+            hook = {"linear": self._linear_hook, "embedding": self._embedding_hook}.get(
+                kind, self._generic_hook
+            )
+            self._handles.append(module.register_forward_hook(_bind(hook, mname)))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._stash.clear()
+
+    # ----------------------------------------------------------------- hooks
+    def _linear_hook(self, mname: str, module: nn.Linear, args: tuple, output: torch.Tensor):
+        if self._in_fallback:
+            return None
+        return tap(output, self.state, _bind(self._linear_backward, module), args[0])
+
+    def _embedding_hook(self, mname: str, module: nn.Embedding, args: tuple, output: torch.Tensor):
+        if self._in_fallback:
+            return None
+        return tap(output, self.state, _bind(self._embedding_backward, module), args[0])
+
+    def _generic_hook(self, mname: str, module: nn.Module, args: tuple, output: Any):
+        if self._in_fallback:
+            return None
+        if (
+            len(args) != 1
+            or not isinstance(args[0], torch.Tensor)
+            or not isinstance(output, torch.Tensor)
+        ):
+            raise EstimateError(
+                f"module {mname!r} ({type(module).__name__}) has parameters but is not a "
+                "one-tensor-in, one-tensor-out module: its per-example gradient is not supported; "
+                "use --granularity nodes"
+            )
+        return tap(output, self.state, _bind(self._generic_backward, module), args[0])
+
+    # ----------------------------------------------------------------- backward callbacks
+    def _linear_backward(self, module: nn.Linear, dy: torch.Tensor, x: torch.Tensor) -> None:
+        b = dy.shape[0]
+        dy, x = self.state.screen(dy, x)
+        dy = dy.reshape(b, -1, dy.shape[-1])
+        x = x.reshape(b, -1, x.shape[-1])
+        wname = self.names[id(module.weight)]
+        acc = self.accumulators[wname]
+        out_f, in_f = module.weight.shape
+        for s in _chunks(b, out_f * in_f * dy.element_size(), self.chunk_bytes):
+            g = torch.bmm(dy[s].transpose(1, 2), x[s].to(dy.dtype))
+            # Square into the accumulator per example: no squared temporary, and a bf16 g
+            # squares exactly in float32 (8-bit mantissas).
+            for i in range(g.shape[0]):
+                acc.addcmul_(g[i], g[i])
+            del g
+        if module.bias is not None:
+            bacc = self.accumulators[self.names[id(module.bias)]]
+            gb = dy.sum(1, dtype=bacc.dtype)
+            bacc.add_(gb.square_().sum(0))
+        if wname in self._tied:
+            self._stash[wname] = (dy, x)
+
+    def _embedding_backward(
+        self, module: nn.Embedding, dy: torch.Tensor, ids: torch.Tensor
+    ) -> None:
+        b = dy.shape[0]
+        (dy,) = self.state.screen(dy)
+        wname = self.names[id(module.weight)]
+        acc = self.accumulators[wname]
+        scale = getattr(module, "embed_scale", None)
+        stash = self._stash.pop(wname, None)
+        lengths = self.state.lengths
+        dy = dy.reshape(b, -1, dy.shape[-1])
+        ids = ids.reshape(b, -1)
+        for i in range(b):
+            n = lengths[i] if i < len(lengths) else ids.shape[1]
+            tok = ids[i, :n]
+            rows = dy[i, :n].to(acc.dtype)
+            if scale is not None:
+                rows = rows * torch.as_tensor(scale, dtype=acc.dtype, device=rows.device)
+            if module.padding_idx is not None:
+                keep = tok != module.padding_idx
+                tok, rows = tok[keep], rows[keep]
+            uniq, inverse = torch.unique(tok, return_inverse=True)
+            e = torch.zeros(len(uniq), acc.shape[1], dtype=acc.dtype, device=acc.device)
+            e.index_add_(0, inverse.to(acc.device), rows.to(acc.device))
+            uniq = uniq.to(acc.device)
+            contribution = e * e
+            if stash is not None:  # tied lm_head: add 2 a e, a = lm_head's rows of this example
+                sdy, sx = stash
+                a = sdy[i][:, uniq.to(sdy.device)].transpose(0, 1).to(acc.dtype) @ sx[i].to(
+                    acc.dtype
+                )
+                contribution += 2 * a.to(acc.device) * e
+            acc.index_add_(0, uniq, contribution)
+
+    def _generic_backward(self, module: nn.Module, dy: torch.Tensor, x: torch.Tensor) -> None:
+        from torch.func import functional_call, grad, vmap
+
+        dy, x = self.state.screen(dy, x)
+        params = {k: p.detach() for k, p in module.named_parameters(recurse=False)}
+
+        def inner(p: dict[str, torch.Tensor], xi: torch.Tensor, dyi: torch.Tensor) -> torch.Tensor:
+            out = functional_call(module, p, (xi.unsqueeze(0),))
+            return (out * dyi.unsqueeze(0)).sum()
+
+        self._in_fallback = True
+        try:
+            with torch.enable_grad():
+                grads = vmap(grad(inner), in_dims=(None, 0, 0))(params, x, dy)
+        finally:
+            self._in_fallback = False
+        for k, g in grads.items():
+            acc = self.accumulators[self.names[id(getattr(module, k))]]
+            acc.add_(g.to(acc.dtype).square_().sum(0).to(acc.device))
+
+    # ----------------------------------------------------------------- results
+    def fisher(self, count: float) -> dict[str, torch.Tensor]:
+        """The Fisher tensors by parameter name: accumulated squares / (sequences x draws)."""
+        return {name: acc / count for name, acc in self.accumulators.items()}
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return dict(self.params)
+
+
+def _bind(fn: Any, first: Any) -> Any:
+    """``functools.partial`` that keeps hook signatures readable in tracebacks."""
+
+    def bound(*args: Any) -> Any:
+        return fn(first, *args)
+
+    return bound

@@ -1,0 +1,482 @@
+"""``estimate_fisher``: model + calibration data -> a Fisher store, with progress and resume.
+
+This module owns the run around the math: loading model, tokenizer and data; device and dtype
+choice; example order and sharding; the progress bar; checkpoints; the reduction across ranks;
+and the store write. The per-example math lives in engine/full/nodes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from mergekit_fisher.estimate import checkpoint, distributed
+from mergekit_fisher.estimate.config import EstimateConfig, EstimateError, parse_dtype, run_hash
+from mergekit_fisher.estimate.engine import BatchOutcome, collate, input_device, run_batch
+from mergekit_fisher.estimate.full import FullCollector
+from mergekit_fisher.estimate.nodes import NodeCollector
+from mergekit_fisher.estimate.taps import BatchState
+
+if TYPE_CHECKING:
+    from mergekit_fisher.data import CalibrationData, Example
+    from mergekit_fisher.store import FisherStore
+
+LOG = logging.getLogger("mergekit_fisher.estimate")
+
+
+@dataclass
+class Progress:
+    """Handed to ``callback`` after every batch (and its checkpoint, if one was due)."""
+
+    batches: int
+    examples: int
+    tokens: int
+    total_examples: int
+
+
+@dataclass
+class FisherResult:
+    """An in-memory estimate: tensors by weight name plus what the store metadata records."""
+
+    fisher: dict[str, torch.Tensor]
+    num_sequences: int
+    num_tokens: int
+    skipped: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+    collector: Any = None
+
+
+def _order(examples: Sequence[Example]) -> list[int]:
+    """Longest first (little padding per batch; an out-of-memory shows at once), stable."""
+    return sorted(range(len(examples)), key=lambda i: (-len(examples[i].input_ids), i))
+
+
+def make_collector(model: nn.Module, state: BatchState, config: EstimateConfig) -> Any:
+    if config.granularity == "nodes":
+        return NodeCollector(model, state, mapping=config.node_mapping, kv_heads=config.kv_heads)
+    return FullCollector(model, state, chunk_bytes=config.chunk_bytes)
+
+
+def prepare_model(model: nn.Module, config: EstimateConfig) -> nn.Module:
+    """Eval mode (no dropout), no parameter gradients, optional activation checkpointing."""
+    model.eval()
+    model.requires_grad_(False)
+    if config.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise EstimateError(
+                f"{type(model).__name__} does not support gradient checkpointing: drop "
+                "--gradient-checkpointing"
+            )
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        model.eval()
+        # transformers checkpoints a layer only in training mode; flip just the layers (not
+        # their children), so dropout stays off everywhere.
+        for module in model.modules():
+            if getattr(module, "gradient_checkpointing", False):
+                module.training = True
+    return model
+
+
+def compute_fisher(
+    model: nn.Module,
+    examples: Sequence[Example],
+    config: EstimateConfig | None = None,
+    *,
+    indices: Sequence[int] | None = None,
+    start: int = 0,
+    collector: Any = None,
+    on_batch: Callable[[int, BatchOutcome, int], None] | None = None,
+    describe: Callable[[int], str] | None = None,
+) -> FisherResult:
+    """Accumulate the Fisher of an in-memory model over ``examples`` (no store, no ranks).
+
+    ``indices`` is the order to process (default: longest first) and ``start`` where in it to
+    begin (resume). ``on_batch(position, outcome, batch_tokens)`` runs after each batch. Returns
+    unnormalised sums in the collector and the normalised tensors in ``fisher``.
+    """
+    config = config or EstimateConfig()
+    state = BatchState()
+    owned = collector is None
+    if owned:
+        prepare_model(model, config)
+        collector = make_collector(model, state, config)
+    else:
+        state = collector.state
+    order = list(indices) if indices is not None else _order(examples)
+    device = input_device(model)
+    counted = tokens = 0
+    skipped: list[int] = []
+    began = time.perf_counter()
+    collector.install()
+    try:
+        for pos in range(start, len(order), config.batch_size):
+            chosen = order[pos : pos + config.batch_size]
+            batch = collate([examples[i] for i in chosen], chosen, device)
+            outcome = run_batch(
+                model,
+                batch,
+                state,
+                mode=config.mode,
+                samples_per_example=config.samples_per_example,
+                seed=config.seed,
+                skip_nonfinite=config.skip_nonfinite,
+                describe=describe,
+            )
+            counted += outcome.counted
+            tokens += outcome.tokens
+            skipped.extend(outcome.skipped)
+            if on_batch is not None:
+                on_batch(pos + len(chosen), outcome, sum(batch.lengths))
+    finally:
+        collector.remove()
+    draws = config.samples_per_example if config.mode == "sampled" else 1
+    fisher = collector.fisher(max(counted, 1) * draws) if owned else {}
+    return FisherResult(fisher, counted, tokens, skipped, time.perf_counter() - began, collector)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _resolve_device(config: EstimateConfig, ctx: distributed.DistContext) -> torch.device:
+    name = config.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise EstimateError(
+            f"--device {config.device!r} is not a device: use auto, cpu, cuda or cuda:N"
+        ) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EstimateError(
+                f"--device {config.device}: no CUDA device is available; use --device cpu"
+            )
+        if ctx.enabled and device.index is None:
+            device = torch.device("cuda", ctx.local_rank % torch.cuda.device_count())
+    return device
+
+
+def _load_model(
+    ref: str,
+    config: EstimateConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    ctx: distributed.DistContext,
+) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {
+        "revision": config.revision,
+        "trust_remote_code": config.trust_remote_code,
+        "dtype": dtype,
+    }
+    if config.device_map == "auto":
+        kwargs["device_map"] = "auto"
+        if ctx.enabled and device.type == "cuda":
+            # Each rank spreads its model copy over its own slice of the node's GPUs.
+            per_rank = max(torch.cuda.device_count() // max(ctx.local_world_size, 1), 1)
+            first = (ctx.local_rank * per_rank) % torch.cuda.device_count()
+            kwargs["max_memory"] = {
+                i: torch.cuda.get_device_properties(i).total_memory
+                for i in range(first, first + per_rank)
+            }
+    try:
+        model = AutoModelForCausalLM.from_pretrained(ref, **kwargs)
+    except (OSError, ValueError) as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise EstimateError(
+            f"cannot load model {ref!r} ({first_line[:200]}): pass a local model directory or a "
+            "Hub id (online, or already in the Hugging Face cache)"
+        ) from None
+    if config.device_map is None:
+        model.to(device)
+    return model
+
+
+def _load_tokenizer(ref: str, config: EstimateConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(
+            ref, revision=config.revision, trust_remote_code=config.trust_remote_code
+        )
+    except (OSError, ValueError) as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise EstimateError(
+            f"cannot load the tokenizer of {ref!r} ({first_line[:200]}): the model needs its "
+            "tokenizer files, or pass tokenizer= to estimate_fisher"
+        ) from None
+
+
+def _check_out(out: Path, config: EstimateConfig) -> None:
+    if out.exists() and not config.overwrite and (out.is_file() or any(out.iterdir())):
+        raise EstimateError(
+            f"{out} already exists and is not empty: pass --overwrite to replace it"
+        )
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def estimate_fisher(
+    model: str | os.PathLike[str] | nn.Module,
+    data: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | CalibrationData,
+    out: str | os.PathLike[str],
+    config: EstimateConfig | None = None,
+    *,
+    tokenizer: Any = None,
+    callback: Callable[[Progress], None] | None = None,
+    **overrides: Any,
+) -> FisherStore | None:
+    """Estimate the diagonal Fisher of a causal LM on calibration data and write a store.
+
+    ``model`` is a local directory, a Hub id, or a loaded ``PreTrainedModel``; ``data`` is one
+    or more calibration sources (see ``mergekit_fisher.data``) or a loaded ``CalibrationData``.
+    Settings come from ``config`` and/or keyword overrides (``EstimateConfig`` fields). Returns
+    the written store (``None`` on ranks other than 0 under torchrun). Raises
+    :class:`EstimateError` (a ``FisherError``) for bad inputs, before anything is written.
+    """
+    from mergekit_fisher import __version__
+    from mergekit_fisher.data import CalibrationData, load_calibration_data
+    from mergekit_fisher.store import DEFAULT_SHARD_SIZE, write_store
+
+    config = (
+        (config or EstimateConfig()).with_(**overrides)
+        if overrides
+        else (config or EstimateConfig())
+    )
+    out = Path(out)
+    _check_out(out, config)
+    ckpt_dir = checkpoint.checkpoint_dir(out)
+    if checkpoint.exists(ckpt_dir) and not config.resume and not config.overwrite:
+        raise EstimateError(
+            f"{ckpt_dir} holds a checkpoint of an interrupted run: pass --resume to continue "
+            "it, or --overwrite to start over"
+        )
+
+    ctx = distributed.init_from_env(use_cuda=config.device != "cpu" and torch.cuda.is_available())
+    try:
+        device = _resolve_device(config, ctx)
+        if isinstance(model, nn.Module):
+            loaded = model
+            ref = str(
+                getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
+            )
+            dtype = next(model.parameters()).dtype
+        else:
+            ref = os.fspath(model)
+            default = torch.bfloat16 if device.type == "cuda" else torch.float32
+            dtype = parse_dtype(config.dtype) if config.dtype else default
+            loaded = None
+        if isinstance(data, CalibrationData):
+            calib = data
+        else:
+            if tokenizer is None:
+                tokenizer = _load_tokenizer(ref, config)
+            sources = (
+                [os.fspath(data)]
+                if isinstance(data, (str, os.PathLike))
+                else [os.fspath(s) for s in data]
+            )
+            calib = load_calibration_data(
+                sources,
+                tokenizer,
+                max_length=config.max_length,
+                num_samples=config.num_samples,
+                text_field=config.text_field,
+                split=config.split,
+                pack=config.pack,
+            )
+        if loaded is None:
+            loaded = _load_model(ref, config, device, dtype, ctx)
+        model = loaded
+        dtype = next(model.parameters()).dtype
+        state = BatchState()
+        prepare_model(model, config)
+        collector = make_collector(model, state, config)
+
+        examples = calib.examples
+        order = _order(examples)[ctx.rank :: ctx.world_size]
+        key = run_hash(
+            config,
+            model=ref,
+            revision=config.revision,
+            data=calib.fingerprint,
+            dtype=str(dtype),
+            world_size=ctx.world_size,
+            num_examples=len(examples),
+        )
+        start = counted = tokens = batches = 0
+        skipped: list[int] = []
+        if config.resume and checkpoint.exists(ckpt_dir):
+            saved = checkpoint.load(ckpt_dir, ctx.rank, ctx.world_size, key)
+            for name, acc in collector.accumulators.items():
+                acc.copy_(saved["accumulators"][name].to(acc.device))
+            start, counted, tokens = saved["position"], saved["counted"], saved["tokens"]
+            batches, skipped = saved["batches"], list(saved["skipped"])
+            LOG.info("resuming from %s: %d of %d examples done", ckpt_dir, start, len(order))
+        elif config.overwrite and ctx.is_main:
+            checkpoint.remove(ckpt_dir)
+
+        total_tokens = sum(len(examples[i].input_ids) for i in order)
+        done_tokens = sum(len(examples[i].input_ids) for i in order[:start])
+        bar = _progress_bar(config, ctx, total_tokens, done_tokens)
+        sources = ", ".join(calib.sources)
+        tally = {"counted": counted, "tokens": tokens, "batches": batches}
+
+        def describe(index: int) -> str:
+            return f"example {index} (0-based) of {sources}"
+
+        def on_batch(position: int, outcome: BatchOutcome, width: int) -> None:
+            tally["counted"] += outcome.counted
+            tally["tokens"] += outcome.tokens
+            tally["batches"] += 1
+            skipped.extend(outcome.skipped)
+            if bar is not None:
+                bar.update(width)
+            if config.checkpoint_every and tally["batches"] % config.checkpoint_every == 0:
+                checkpoint.save(
+                    ckpt_dir,
+                    ctx.rank,
+                    ctx.world_size,
+                    {
+                        "hash": key,
+                        "position": position,
+                        "counted": tally["counted"],
+                        "tokens": tally["tokens"],
+                        "batches": tally["batches"],
+                        "skipped": skipped,
+                        "accumulators": collector.accumulators,
+                    },
+                )
+            if callback is not None:
+                callback(Progress(tally["batches"], position, tally["tokens"], len(order)))
+
+        began = time.perf_counter()
+        ok = False
+        try:
+            result = compute_fisher(
+                model,
+                examples,
+                config,
+                indices=order,
+                start=start,
+                collector=collector,
+                on_batch=on_batch,
+                describe=describe,
+            )
+            del result
+            ok = True
+        finally:
+            if bar is not None:
+                bar.close()
+            if not distributed.all_ok(ctx, ok) and ok:
+                raise EstimateError(
+                    "another rank failed (see its error above): nothing was written"
+                )
+        seconds = time.perf_counter() - began
+
+        counts = {
+            "counted": torch.tensor([tally["counted"]], dtype=torch.float64),
+            "tokens": torch.tensor([tally["tokens"]], dtype=torch.float64),
+            "skipped": torch.tensor([len(skipped)], dtype=torch.float64),
+        }
+        distributed.sum_(ctx, counts)
+        distributed.sum_(ctx, collector.accumulators)
+        num_sequences = int(counts["counted"].item())
+        num_tokens = int(counts["tokens"].item())
+        if num_sequences == 0:
+            raise EstimateError(
+                f"every example of {sources} was skipped as non-finite: nothing to write; "
+                "check the model (--dtype float32)"
+            )
+        draws = config.samples_per_example if config.mode == "sampled" else 1
+        store = None
+        if ctx.is_main:
+            fisher = collector.fisher(num_sequences * draws)
+            estimator = {
+                "mode": config.mode,
+                "granularity": config.granularity,
+                "num_sequences": num_sequences,
+                "num_tokens": num_tokens,
+                "max_length": config.max_length,
+                "seed": config.seed,
+                "samples_per_example": draws,
+                "data_fingerprint": calib.fingerprint,
+                "data_sources": list(calib.sources),
+                "dtype": str(dtype).removeprefix("torch."),
+                "skipped_nonfinite": int(counts["skipped"].item()),
+                "pack": config.pack,
+                "world_size": ctx.world_size,
+                "mergekit_fisher_version": __version__,
+            }
+            if config.granularity == "nodes":
+                estimator["node_mapping"] = config.node_mapping
+                estimator["kv_heads"] = config.kv_heads
+            store = write_store(
+                out,
+                fisher,
+                weights=collector.weights(),
+                model=ref,
+                revision=config.revision,
+                granularity=config.granularity,
+                estimator=estimator,
+                store_dtype=parse_dtype(config.store_dtype, "--store-dtype"),
+                shard_size=config.shard_size or DEFAULT_SHARD_SIZE,
+                overwrite=config.overwrite,
+            )
+            checkpoint.remove(ckpt_dir)
+            rate = num_tokens / seconds if seconds > 0 else float("inf")
+            LOG.info(
+                "%s Fisher (%s, %s) of %s: %d sequences, %d target tokens in %.1f s "
+                "(%.0f target tokens/s)%s -> %s",
+                config.granularity,
+                config.mode,
+                str(dtype).removeprefix("torch."),
+                ref,
+                num_sequences,
+                num_tokens,
+                seconds,
+                rate,
+                f", {int(counts['skipped'].item())} skipped as non-finite"
+                if counts["skipped"].item()
+                else "",
+                out,
+            )
+        distributed.barrier(ctx)
+        return store
+    finally:
+        distributed.shutdown(ctx)
+
+
+def _progress_bar(
+    config: EstimateConfig, ctx: distributed.DistContext, total: int, initial: int
+) -> Any:
+    if not config.progress or not ctx.is_main:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total * ctx.world_size,
+        initial=initial * ctx.world_size,
+        unit="tok",
+        unit_scale=True,
+        desc="fisher",
+        dynamic_ncols=True,
+        leave=False,
+    )
