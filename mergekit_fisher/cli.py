@@ -211,6 +211,14 @@ def demo_command(out: str, seeds: int, keep_models: bool, verbose: int) -> None:
 @click.option("--revision", default=None, help="Model revision (Hub ids).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model's own modeling code.")
 @click.option(
+    "--statistic",
+    type=click.Choice(["fisher", "gram"]),
+    default="fisher",
+    show_default=True,
+    help="The diagonal Fisher (merge_method: fisher), or input Gram matrices of every linear "
+    "layer (merge_method: regmean; forward passes only).",
+)
+@click.option(
     "--mode",
     type=click.Choice(["sampled", "empirical"]),
     default="sampled",
@@ -313,9 +321,10 @@ def estimate_command(
     store = estimate_fisher(model, list(data), out, config)
     if store is not None:
         est = store.config["estimator"]
+        what = "Gram" if store.statistic == "gram" else f"{store.granularity} Fisher"
         click.echo(
-            f"wrote {store.path}: {store.granularity} Fisher of {model} from "
-            f"{est['num_sequences']} sequences, {est['num_tokens']} target tokens"
+            f"wrote {store.path}: {what} of {model} from "
+            f"{est['num_sequences']} sequences, {est['num_tokens']} tokens"
         )
 
 

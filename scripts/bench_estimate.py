@@ -1,8 +1,8 @@
 """Benchmark: Fisher estimation vs a plain training step, same model, same batch shape, one run.
 
 Prints tokens/s of (a) a batched training step (forward + backward with parameter gradients,
-no optimizer), (b) the full per-example Fisher estimator and (c) the mask-node estimator, their
-ratios to (a), peak GPU memory, and store bytes of nodes vs full (measured at the benchmark
+no optimizer), (b) the full per-example Fisher estimator, (c) the mask-node estimator and
+(d) RegMean's Gram statistics (forward + X^T X), their ratios to (a), peak GPU memory, and store bytes of nodes vs full (measured at the benchmark
 size, analytic at the 1.1B Llama shape).
 
     python scripts/bench_estimate.py --preset cpu      # ~1 min on 2 CPU cores
@@ -87,13 +87,13 @@ def bench_train(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> float:
 
 
 def bench_fisher(
-    model: torch.nn.Module, ids: torch.Tensor, steps: int, granularity: str
+    model: torch.nn.Module, ids: torch.Tensor, steps: int, **settings: Any
 ) -> tuple[float, Any]:
     """Tokens/s of the estimator on the same batches (sampled mode, one draw)."""
     b, t = ids.shape
     rows = ids.cpu().tolist()
     examples = [Example(tuple(r), (False,) + (True,) * (t - 1)) for r in rows]
-    config = EstimateConfig(granularity=granularity, batch_size=b, progress=False)
+    config = EstimateConfig(batch_size=b, progress=False, **settings)
     compute_fisher(model, examples, config)  # warm-up (and allocator)
     sync(ids.device)
     reset_peak(ids.device)
@@ -157,15 +157,18 @@ def main() -> None:
 
     train = bench_train(model, ids, s["steps"])
     train_mem = peak_gib(device)
-    full, full_result = bench_fisher(model, ids, s["steps"], "full")
+    full, full_result = bench_fisher(model, ids, s["steps"], granularity="full")
     full_mem = peak_gib(device)
-    nodes, nodes_result = bench_fisher(model, ids, s["steps"], "nodes")
+    nodes, nodes_result = bench_fisher(model, ids, s["steps"], granularity="nodes")
     nodes_mem = peak_gib(device)
+    gram, _ = bench_fisher(model, ids, s["steps"], statistic="gram")
+    gram_mem = peak_gib(device)
     print(f"{'':22}{'tokens/s':>12}{'x train':>10}{'peak GPU mem':>16}")
     for label, rate, mem in [
         ("(a) training step", train, train_mem),
         ("(b) Fisher, full", full, full_mem),
         ("(c) Fisher, nodes", nodes, nodes_mem),
+        ("(d) Gram (RegMean)", gram, gram_mem),
     ]:
         print(f"{label:22}{rate:12,.0f}{rate / train:10.2f}{mem:>16}")
     fb, nb = store_bytes(full_result.fisher), store_bytes(nodes_result.fisher)

@@ -1,18 +1,34 @@
-"""Gram statistics for RegMean: batched, padded and shared equals a naive per-layer loop."""
+"""Gram statistics for RegMean: batched, padded and shared equals a naive per-layer loop; the
+store it writes merges through mergekit's `regmean`."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
-from conftest import save_tiny_model
+from click.testing import CliRunner
+from conftest import model_tensors, run_recipe, save_tiny_model
 
-from mergekit_fisher.data import Example, pad_batch
-from mergekit_fisher.gram import GramHooks
+from mergekit_fisher.cli import main
+from mergekit_fisher.store import clear_cache, open_store
+
+TEXTS = ["12+34=46", "abc def ghi", "hello 77", "zz+1=zz1 and more", "merge me 5", "qq"]
 
 
-def naive_grams(model: torch.nn.Module, sequences: list[list[int]]) -> dict[str, torch.Tensor]:
+@pytest.fixture(autouse=True)
+def _fresh_cache():  # type: ignore[no-untyped-def]
+    clear_cache()
+    yield
+    clear_cache()
+
+
+def naive_grams(model_dir: Path, texts: list[str]) -> dict[str, torch.Tensor]:
     """One hook per linear layer, batch 1, no padding, float64: sum x x^T / tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
     sums: dict[str, torch.Tensor] = {}
     handles = []
     for name, module in model.named_modules():
@@ -23,30 +39,53 @@ def naive_grams(model: torch.nn.Module, sequences: list[list[int]]) -> dict[str,
                 sums[name] = sums.get(name, 0) + x.T @ x
 
             handles.append(module.register_forward_hook(record))
+    tokens = 0
     with torch.no_grad():
-        for ids in sequences:
-            model(input_ids=torch.tensor([ids]))
+        for text in texts:
+            ids = torch.tensor([tok(text)["input_ids"]])
+            model(input_ids=ids)
+            tokens += ids.shape[1]
     for h in handles:
         h.remove()
-    tokens = sum(len(s) for s in sequences)
-    return {name: total / tokens for name, total in sums.items()}
+    return {f"{name}.weight": total / tokens for name, total in sums.items()}
 
 
-def test_batched_grams_match_naive_and_share_inputs(tmp_path: Path) -> None:
-    from transformers import AutoModelForCausalLM
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("gram") / "calib.txt"
+    path.write_text("\n".join(TEXTS))
+    return path
 
-    path = save_tiny_model(tmp_path / "m", seed=4)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
-    g = torch.Generator().manual_seed(0)
-    sequences = [torch.randint(7, 50, (n,), generator=g).tolist() for n in (5, 9, 3, 12, 7)]
-    with GramHooks(model) as hooks:
-        for batch in (sequences[:3], sequences[3:]):
-            examples = [Example(tuple(s), (False,) + (True,) * (len(s) - 1)) for s in batch]
-            padded = pad_batch(examples, pad_id=0)
-            hooks.forward(padded.input_ids, padded.attention_mask)
-    grams = hooks.accumulator.grams()
-    ref = naive_grams(model, sequences)
-    consumers = hooks.accumulator.consumers
+
+def test_gram_store_matches_naive_and_shares_inputs(
+    tmp_path: Path, tiny_llama: Path, data_file: Path
+) -> None:
+    result = CliRunner().invoke(
+        main,
+        [
+            "estimate",
+            str(tiny_llama),
+            "--data",
+            str(data_file),
+            "--out",
+            str(tmp_path / "g"),
+            "--statistic",
+            "gram",
+            "--dtype",
+            "float64",
+            "--store-dtype",
+            "float32",
+            "--batch-size",
+            "4",
+            "--device",
+            "cpu",
+            "--no-progress",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    store = open_store(tmp_path / "g")
+    assert store.statistic == "gram" and store.config["estimator"]["statistic"] == "gram"
+    consumers = store.config["consumers"]
     assert (
         consumers["model.layers.0.self_attn.k_proj.weight"]
         == consumers["model.layers.0.self_attn.q_proj.weight"]
@@ -56,17 +95,50 @@ def test_batched_grams_match_naive_and_share_inputs(tmp_path: Path) -> None:
         == consumers["model.layers.1.mlp.gate_proj.weight"]
     )
     assert len(set(consumers.values())) == 2 * 4 + 1  # per layer: qkv, o, gate/up, down; lm_head
+    ref = naive_grams(tiny_llama, TEXTS)
     for weight, key in consumers.items():
         torch.testing.assert_close(
-            grams[key].double(), ref[weight.removesuffix(".weight")], rtol=1e-6, atol=1e-7
+            store.get(key, dtype=torch.float64), ref[weight], rtol=1e-6, atol=1e-7
         )
 
 
-def test_tied_lm_head_is_skipped(tmp_path: Path) -> None:
-    from transformers import AutoModelForCausalLM
+def test_tied_lm_head_is_skipped(tmp_path: Path, data_file: Path) -> None:
+    from mergekit_fisher.estimate import estimate_fisher
 
     path = save_tiny_model(tmp_path / "t", seed=5, tie_word_embeddings=True)
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    with GramHooks(model) as hooks:
-        hooks.forward(torch.tensor([[1, 8, 9, 10]]), torch.ones(1, 4, dtype=torch.int64))
-    assert "lm_head.weight" not in hooks.accumulator.consumers
+    store = estimate_fisher(
+        path, [data_file], tmp_path / "g", statistic="gram", device="cpu", progress=False
+    )
+    assert store is not None and "lm_head.weight" not in store.config["consumers"]
+
+
+def test_regmean_merges_real_gram_stores(tmp_path: Path, tiny_llama_pair, data_file: Path) -> None:  # type: ignore[no-untyped-def]
+    from mergekit_fisher.estimate import estimate_fisher
+
+    models = list(tiny_llama_pair)
+    stores = [
+        estimate_fisher(
+            m,
+            [data_file],
+            tmp_path / f"g{i}",
+            statistic="gram",
+            device="cpu",
+            progress=False,
+            store_dtype="float32",
+        )
+        for i, m in enumerate(models)
+    ]
+    recipe = {
+        "merge_method": "regmean",
+        "models": [
+            {"model": str(m), "parameters": {"gram": str(s.path)}} for m, s in zip(models, stores)
+        ],
+        "dtype": "float32",
+    }
+    merged = run_recipe(recipe, tmp_path / "out")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    grams = [s.get(s.config["consumers"][name], dtype=torch.float64) for s in stores]
+    grams = [0.9 * g + 0.1 * torch.diag(torch.diag(g)) for g in grams]
+    thetas = [model_tensors(m)[name].double() for m in models]
+    ref = (thetas[0] @ grams[0] + thetas[1] @ grams[1]) @ torch.linalg.inv(grams[0] + grams[1])
+    torch.testing.assert_close(merged[name].double(), ref, rtol=1e-4, atol=1e-5)

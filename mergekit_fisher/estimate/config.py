@@ -11,6 +11,7 @@ import torch
 
 from mergekit_fisher.errors import FisherError
 
+STATISTICS = ("fisher", "gram")
 MODES = ("sampled", "empirical")
 GRANULARITIES = ("full", "nodes")
 NODE_MAPPINGS = ("heads", "paper")
@@ -53,9 +54,12 @@ class EstimateConfig:
     """Every setting of ``estimate_fisher`` / ``mergekit-fisher estimate`` (CLI names in docs).
 
     ``dtype=None`` computes in bfloat16 on CUDA and float32 on CPU. ``checkpoint_every`` counts
-    batches (0: never). ``node_mapping``/``kv_heads`` only matter for ``granularity="nodes"``.
+    batches (0: never). ``node_mapping``/``kv_heads`` only matter for ``granularity="nodes"``;
+    ``statistic="gram"`` (RegMean's input Gram matrices) runs forward passes only and ignores
+    ``mode``, ``granularity`` and ``samples_per_example``.
     """
 
+    statistic: str = "fisher"
     mode: str = "sampled"
     granularity: str = "full"
     num_samples: int | None = None
@@ -89,6 +93,7 @@ class EstimateConfig:
                 flag = "--" + field.replace("_", "-")
                 raise EstimateError(f"{flag} {value!r} is not one of {', '.join(allowed)}")
 
+        choose("statistic", self.statistic, STATISTICS)
         choose("mode", self.mode, MODES)
         choose("granularity", self.granularity, GRANULARITIES)
         choose("node_mapping", self.node_mapping, NODE_MAPPINGS)
@@ -120,7 +125,15 @@ class EstimateConfig:
 
 def run_hash(config: EstimateConfig, **context: Any) -> str:
     """What a resumed run must share with the interrupted one (batch size may change)."""
-    keys = ("mode", "granularity", "samples_per_example", "seed", "max_length", "num_samples")
+    keys = (
+        "statistic",
+        "mode",
+        "granularity",
+        "samples_per_example",
+        "seed",
+        "max_length",
+        "num_samples",
+    )
     payload = {k: getattr(config, k) for k in keys}
     payload.update(context)
     blob = json.dumps(payload, sort_keys=True, default=str).encode()

@@ -22,6 +22,7 @@ from mergekit_fisher.estimate import checkpoint, distributed
 from mergekit_fisher.estimate.config import EstimateConfig, EstimateError, parse_dtype, run_hash
 from mergekit_fisher.estimate.engine import BatchOutcome, collate, input_device, run_batch
 from mergekit_fisher.estimate.full import FullCollector
+from mergekit_fisher.estimate.gram import GramCollector
 from mergekit_fisher.estimate.nodes import NodeCollector
 from mergekit_fisher.estimate.taps import BatchState
 
@@ -60,6 +61,8 @@ def _order(examples: Sequence[Example]) -> list[int]:
 
 
 def make_collector(model: nn.Module, state: BatchState, config: EstimateConfig) -> Any:
+    if config.statistic == "gram":
+        return GramCollector(model, state)
     if config.granularity == "nodes":
         return NodeCollector(model, state, mapping=config.node_mapping, kv_heads=config.kv_heads)
     return FullCollector(model, state, chunk_bytes=config.chunk_bytes)
@@ -126,16 +129,20 @@ def compute_fisher(
         for pos in range(start, len(order), config.batch_size):
             chosen = order[pos : pos + config.batch_size]
             batch = collate([examples[i] for i in chosen], chosen, device)
-            outcome = run_batch(
-                model,
-                batch,
-                state,
-                mode=config.mode,
-                samples_per_example=config.samples_per_example,
-                seed=config.seed,
-                skip_nonfinite=config.skip_nonfinite,
-                describe=describe,
-            )
+            if isinstance(collector, GramCollector):
+                tokens_seen = collector.forward(batch.input_ids, batch.attention_mask)
+                outcome = BatchOutcome(counted=len(chosen), tokens=tokens_seen)
+            else:
+                outcome = run_batch(
+                    model,
+                    batch,
+                    state,
+                    mode=config.mode,
+                    samples_per_example=config.samples_per_example,
+                    seed=config.seed,
+                    skip_nonfinite=config.skip_nonfinite,
+                    describe=describe,
+                )
             counted += outcome.counted
             tokens += outcome.tokens
             skipped.extend(outcome.skipped)
@@ -410,6 +417,7 @@ def estimate_fisher(
         if ctx.is_main:
             fisher = collector.fisher(num_sequences * draws)
             estimator = {
+                "statistic": config.statistic,
                 "mode": config.mode,
                 "granularity": config.granularity,
                 "num_sequences": num_sequences,
@@ -428,10 +436,16 @@ def estimate_fisher(
             if config.granularity == "nodes":
                 estimator["node_mapping"] = config.node_mapping
                 estimator["kv_heads"] = config.kv_heads
+            gram = isinstance(collector, GramCollector)
+            if gram:
+                for key in ("mode", "granularity", "samples_per_example"):
+                    estimator.pop(key)
             store = write_store(
                 out,
                 fisher,
                 weights=collector.weights(),
+                statistic=config.statistic,
+                consumers=collector.consumers if gram else None,
                 model=ref,
                 revision=config.revision,
                 granularity=config.granularity,
@@ -443,10 +457,9 @@ def estimate_fisher(
             checkpoint.remove(ckpt_dir)
             rate = num_tokens / seconds if seconds > 0 else float("inf")
             LOG.info(
-                "%s Fisher (%s, %s) of %s: %d sequences, %d target tokens in %.1f s "
-                "(%.0f target tokens/s)%s -> %s",
-                config.granularity,
-                config.mode,
+                "%s (%s, %s) of %s: %d sequences, %d tokens in %.1f s (%.0f tokens/s)%s -> %s",
+                "Gram matrices" if gram else f"{config.granularity} Fisher",
+                "forward only" if gram else config.mode,
                 str(dtype).removeprefix("torch."),
                 ref,
                 num_sequences,

@@ -1,0 +1,113 @@
+"""Input Gram matrices of every linear layer, for RegMean (``estimate --statistic gram``).
+
+G = (1/N) sum over non-padding tokens of x x^T, where x is a linear layer's input and N the
+number of such tokens. Layers that read the same tensor (q/k/v projections, gate/up) share one
+Gram: forward hooks key each input by the identity of the tensor object within one forward
+pass, so the grouping needs no architecture knowledge. Only forward passes run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from mergekit_fisher.estimate.engine import input_device
+from mergekit_fisher.estimate.taps import BatchState
+
+ACCUMULATED_TOKENS = "__tokens__"
+
+
+class GramCollector:
+    """Forward hooks on every ``nn.Linear``; owns the Gram sums (float64) per distinct input.
+
+    A linear layer tied to an embedding (``lm_head`` with tied embeddings) is skipped: its
+    weight arrives at merge time as the embedding, which is not a linear map of its inputs.
+    Accumulators are created by one tiny discovery forward, so that every rank (and a resumed
+    run) has the same keys before any data is seen; ``__tokens__`` counts non-padding tokens.
+    """
+
+    granularity = "full"
+
+    def __init__(self, model: nn.Module, state: BatchState):
+        self.model = model
+        self.state = state  # the collector protocol's; forward-only runs need no batch state
+        self.consumers: dict[str, str] = {}
+        self.accumulators: dict[str, torch.Tensor] = {}
+        self._mask: torch.Tensor | None = None
+        self._seen: dict[int, tuple[torch.Tensor, str]] = {}
+        self._handles: list[Any] = []
+        self._params = dict(model.named_parameters())
+        device = input_device(model)
+        self.install()
+        try:
+            self.forward(
+                torch.zeros(1, 2, dtype=torch.long, device=device), torch.ones(1, 2, device=device)
+            )
+        finally:
+            self.remove()
+        for acc in self.accumulators.values():
+            acc.zero_()
+
+    def install(self) -> None:
+        tied = {id(m.weight) for m in self.model.modules() if isinstance(m, nn.Embedding)}
+        self._handles = [
+            module.register_forward_hook(self._hook(name))
+            for name, module in self.model.named_modules()
+            if isinstance(module, nn.Linear) and id(module.weight) not in tied
+        ]
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _hook(self, name: str):  # type: ignore[no-untyped-def]
+        def record(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: object) -> None:
+            x = inputs[0]
+            seen = self._seen.get(id(x))
+            if seen is None or seen[0] is not x:
+                seen = self._seen[id(x)] = (x, f"{name}.input")
+                rows = x.detach().reshape(-1, x.shape[-1])
+                if self._mask is not None:
+                    rows = rows[self._mask.reshape(-1).to(rows.device)]
+                rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
+                gram = (rows.T @ rows).double()
+                acc = self.accumulators.get(seen[1])
+                if acc is None:
+                    self.accumulators[seen[1]] = gram
+                else:
+                    acc.add_(gram.to(acc.device))
+            self.consumers[f"{name}.weight"] = seen[1]
+
+        return record
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
+        """One forward pass: adds the Grams of the batch's non-padding tokens; returns their count."""
+        self._mask = attention_mask.bool()
+        try:
+            with torch.no_grad():
+                self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            tokens = int(self._mask.sum())
+        finally:
+            self._mask = None
+            self._seen.clear()
+        counter = self.accumulators.setdefault(
+            ACCUMULATED_TOKENS, torch.zeros((), dtype=torch.float64)
+        )
+        counter += tokens
+        return tokens
+
+    def fisher(self, count: float) -> dict[str, torch.Tensor]:
+        """The Gram means (float32), by input key; ``count`` is unused (tokens are counted)."""
+        tokens = float(self.accumulators[ACCUMULATED_TOKENS])
+        return {
+            key: (acc / max(tokens, 1.0)).float()
+            for key, acc in self.accumulators.items()
+            if key != ACCUMULATED_TOKENS
+        }
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The weights each Gram describes (the store binds to them)."""
+        return {name: self._params[name] for name in self.consumers}
