@@ -177,7 +177,7 @@ def inspect_command(store: str, revision: str | None, verify: bool, show_tensors
 )
 @click.option("-v", "--verbose", count=True, help="More logging (-vv: debug).")
 def demo_command(out: str, seeds: int, keep_models: bool, verbose: int) -> None:
-    """Does Fisher merging beat averaging? Offline, on CPU, in about 5 minutes.
+    """Does Fisher merging beat averaging? Offline, on CPU, in under 5 minutes.
 
     Trains a tiny Llama base and two experts on two synthetic tasks (2-digit addition,
     reversing letters), estimates each expert's Fisher, merges them through mergekit with
