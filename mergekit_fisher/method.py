@@ -40,6 +40,8 @@ from mergekit_fisher.store import FisherStore, StoreError, open_store
 LOG = logging.getLogger(__name__)
 
 PARAMETERS = ("weight", "fisher", "normalize", "epsilon", "missing")
+METHOD_OF = {"fisher": "fisher", "gram": "regmean"}
+"""The merge method that reads each store statistic."""
 """Every recipe parameter ``fisher`` understands (the pre-flight refuses others)."""
 
 _AVERAGED_LOCK = threading.Lock()
@@ -69,26 +71,29 @@ def note_averaged(reason: str, name: str) -> None:
         _AVERAGED.setdefault(reason, []).append(name)
 
 
-def store_for(entry: TensorEntry, ref: str | None, statistic: str = "fisher") -> FisherStore:
-    """The store a recipe names for one input, checked to hold the statistic the method needs."""
-    method = {"fisher": "fisher", "gram": "regmean"}[statistic]
+def open_model_store(model: str, ref: str | None, statistic: str = "fisher") -> FisherStore:
+    """The store a recipe names for one model, checked to hold the statistic the method needs."""
+    method = METHOD_OF[statistic]
     if not ref:
         raise RecipeError(
-            f"model {model_label(entry.id)} has no `{statistic}` parameter: add "
-            f"`parameters: {{{statistic}: <store directory or Hub id>}}` to it (every input of "
-            f"merge_method: {method} needs one, base_model included)"
+            f"model {model} has no `{statistic}` parameter: add `parameters: {{{statistic}: "
+            f"<store directory or Hub id>}}` to it (every input of merge_method: {method} needs "
+            "one, base_model included)"
         )
     try:
         store = open_store(ref)
     except StoreError as error:
-        raise StoreError(f"model {model_label(entry.id)}: {error}") from None
+        raise StoreError(f"model {model}: {error}") from None
     if store.statistic != statistic:
         raise StoreError(
-            f"model {model_label(entry.id)}: {store.ref} holds {store.statistic} statistics, "
-            f"but merge_method {method} needs a {statistic} store "
-            f"(mergekit-fisher estimate --statistic {statistic})"
+            f"model {model}: {store.ref} holds {store.statistic} statistics, but merge_method "
+            f"{method} needs a {statistic} store (mergekit-fisher estimate --statistic {statistic})"
         )
     return store
+
+
+def store_for(entry: TensorEntry, ref: str | None, statistic: str = "fisher") -> FisherStore:
+    return open_model_store(model_label(entry.id), ref, statistic)
 
 
 def check_binding(store: FisherStore, name: str, entry: TensorEntry) -> str | None:

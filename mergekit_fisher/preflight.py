@@ -18,8 +18,8 @@ from typing import Any
 from mergekit.config import MergeConfiguration
 
 from mergekit_fisher import method, regmean
-from mergekit_fisher.method import RecipeError, take_averaged_report
-from mergekit_fisher.store import FisherStore, StoreError, open_store
+from mergekit_fisher.method import RecipeError, open_model_store, take_averaged_report
+from mergekit_fisher.store import FisherStore
 
 LOG = logging.getLogger(__name__)
 
@@ -93,24 +93,9 @@ def check_recipe(config: MergeConfiguration) -> list[ServedModel]:
     shared = _fisher_refs((config.parameters or {}).get(key))
     served = []
     for model, params in _inputs(config):
-        refs = _fisher_refs(params.get(key)) or shared
-        if not refs:
-            raise RecipeError(
-                f"model {model} has no `{key}` parameter: add `parameters: {{{key}: <store "
-                f"directory or Hub id>}}` to it (every input of merge_method "
-                f"{config.merge_method} needs one, base_model included)"
-            )
-        for ref in dict.fromkeys(refs):
-            try:
-                store = open_store(ref)
-            except StoreError as error:
-                raise StoreError(f"model {model}: {error}") from None
-            if store.statistic != key:
-                raise StoreError(
-                    f"model {model}: {ref} holds {store.statistic} statistics; merge_method "
-                    f"{config.merge_method} needs a {key} store"
-                )
-            served.append(ServedModel(model, ref, store))
+        for ref in dict.fromkeys(_fisher_refs(params.get(key)) or shared or [None]):
+            store = open_model_store(model, ref, key)
+            served.append(ServedModel(model, str(ref), store))
             LOG.info("model %s <- Fisher store %s", model, store.path)
     return served
 
