@@ -42,6 +42,8 @@ class _AutoloadFinder:
 def _after_import(name: str, module: object) -> None:
     try:
         if name == "mergekit.merge_methods":
+            if "mergekit_fisher.method" in sys.modules:
+                return  # it is importing mergekit right now and registers itself when done
             from mergekit_fisher.method import register_methods
 
             register_methods()

@@ -73,8 +73,10 @@ def merge_command(args: tuple[str, ...]) -> None:
 @click.option(
     "--grid",
     multiple=True,
-    help="KEY=V1,V2,... (repeatable). `weight` is searched per model (all but the first); "
-    "shared keys such as epsilon or alpha as listed. Default: weight=0.25,0.5,1,2,4.",
+    help="KEY=V1,V2,... (repeatable). `weight` lists the values of every model but the first "
+    "(only ratios matter); `weight.I` those of model I (0-based; e.g. the base's anchor "
+    "strength, 0 included); shared keys such as epsilon or alpha as listed. "
+    "Default: weight=0.25,0.5,1,2,4.",
 )
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Best recipe (YAML).")
 @click.option("--num-samples", default=64, show_default=True, help="Held-out sequences to score.")
@@ -173,24 +175,35 @@ def inspect_command(store: str, revision: str | None, verify: bool, show_tensors
 )
 @click.option("--seeds", default=3, show_default=True, type=click.IntRange(min=1))
 @click.option(
+    "--regime",
+    type=click.Choice(["close", "forget", "both"]),
+    default="both",
+    show_default=True,
+    help="Experts a short fine-tune from the base (close), trained until each forgets the "
+    "other task (forget), or both (one table each).",
+)
+@click.option(
     "--keep-models", is_flag=True, help="Keep the trained models, Fisher stores and merges."
 )
 @click.option("-v", "--verbose", count=True, help="More logging (-vv: debug).")
-def demo_command(out: str, seeds: int, keep_models: bool, verbose: int) -> None:
-    """Does Fisher merging beat averaging? Offline, on CPU, in under 5 minutes.
+def demo_command(out: str, seeds: int, regime: str, keep_models: bool, verbose: int) -> None:
+    """Which merge wins, and when? Offline, on CPU, in under 5 minutes.
 
-    Trains a tiny Llama base and two experts on two synthetic tasks (2-digit addition,
-    reversing letters), estimates each expert's Fisher, merges them through mergekit with
-    linear, task_arithmetic, ties and fisher, and evaluates every model on held-out problems
-    (mean ± std over seeds). Details: docs/demo.md.
+    Trains a tiny Llama base and, per regime, two experts on two synthetic tasks (2-digit
+    addition, reversing letters); estimates Fisher, base-Fisher and Gram stores; merges through
+    mergekit with linear, task_arithmetic, ties, fisher (full, nodes), fisher anchored on the
+    base (fixed and searched coefficients) and regmean; and evaluates every model on held-out
+    problems (mean ± std over seeds). Details: docs/demo.md.
     """
     import time
 
     _setup_logging(verbose)
     start = time.perf_counter()
-    from mergekit_fisher.demo.run import DemoSettings, format_table, run_demo
+    from mergekit_fisher.demo.run import REGIMES, DemoSettings, format_table, run_demo
 
-    report = run_demo(out, DemoSettings(seeds=seeds, keep_models=keep_models))
+    regimes = REGIMES if regime == "both" else (regime,)
+    settings = DemoSettings(seeds=seeds, regimes=regimes, keep_models=keep_models)
+    report = run_demo(out, settings)
     click.echo(format_table(report))
     for note in report["skipped"]:
         click.echo(f"skipped: {note}")

@@ -522,11 +522,12 @@ def load_calibration_data(
     split: str = "train",
     pack: bool = False,
 ) -> CalibrationData:
-    """Read ``sources`` in order and tokenize them into examples with target masks.
+    """Read ``sources`` round-robin and tokenize them into examples with target masks.
 
     Each example is truncated to ``max_length`` tokens. Examples left with no target token
     (e.g. a prompt that fills ``max_length``) are dropped and counted. ``num_samples`` keeps the
-    first N examples that survive (reading stops there); None keeps all. ``pack`` joins
+    first N examples that survive (reading stops there), taken alternately from the sources so
+    that N samples of several files are a mixture of them; None keeps all. ``pack`` joins
     plain-text records with EOS and cuts the stream into ``max_length`` chunks (every position
     but the first is a target); it refuses prompt/completion and chat records, whose masks
     packing would blur. Raises :class:`DataError` for any bad input.
@@ -551,10 +552,19 @@ def load_calibration_data(
     kinds = [_classify(s) for s in sources]
 
     def records() -> Iterator[tuple[str, str | dict[str, Any], str]]:
+        # Round-robin over the sources: N samples of several files are a mixture of them.
+        streams = []
         for source, kind in zip(sources, kinds):
             src = _open_source(source, kind, split)
             opened.append(src)
-            for where, record in src.records:
+            streams.append(iter(src.records))
+        while streams:
+            for stream in list(streams):
+                item = next(stream, None)
+                if item is None:
+                    streams.remove(stream)
+                    continue
+                where, record = item
                 counts["records"] += 1
                 yield where, record, _record_kind(record, where, text_field)
 

@@ -83,26 +83,64 @@ def _scalar(text: str) -> Any:
 
 
 def candidates_for(recipe: Mapping[str, Any], grid: Mapping[str, list[Any]]) -> list[Candidate]:
-    """The cartesian product of per-model weights (all but the first model) and shared values."""
+    """The cartesian product of per-model weights and shared values.
+
+    ``weight.I`` lists model I's values (0-based, recipe order); ``weight`` lists the values of
+    every model but the first, whose weight otherwise stays as written (only ratios matter).
+    """
     models = recipe.get("models") or []
     if len(models) < 2:
         raise SearchError("search needs a `models:` recipe with at least two models")
-    first = float((models[0].get("parameters") or {}).get("weight", 1.0))
-    values = [float(v) for v in grid.get("weight", DEFAULT_WEIGHTS)]
-    shared_keys = sorted(k for k in grid if k != "weight")
+    per_model = []
+    for i, model in enumerate(models):
+        written = float((model.get("parameters") or {}).get("weight", 1.0))
+        default = [written] if i == 0 else grid.get("weight", DEFAULT_WEIGHTS)
+        per_model.append([float(v) for v in grid.get(f"weight.{i}", default)])
+    unknown = sorted(
+        k
+        for k in grid
+        if k.startswith("weight.")
+        and k.removeprefix("weight.") not in {str(i) for i in range(len(models))}
+    )
+    if unknown:
+        raise SearchError(
+            f"--grid {unknown[0]}: the recipe has models weight.0 to weight.{len(models) - 1}"
+        )
+    shared_keys = sorted(k for k in grid if k != "weight" and not k.startswith("weight."))
     combos = itertools.product(
-        itertools.product(values, repeat=len(models) - 1),
-        itertools.product(*(grid[k] for k in shared_keys)),
+        itertools.product(*per_model), itertools.product(*(grid[k] for k in shared_keys))
     )
     found = [
-        Candidate(weights=(first, *rest), shared=tuple(zip(shared_keys, shared)))
-        for rest, shared in combos
+        Candidate(weights=weights, shared=tuple(zip(shared_keys, shared)))
+        for weights, shared in combos
+        if sum(weights) > 0
     ]
     if len(found) > MAX_CANDIDATES:
         raise SearchError(
             f"{len(found)} candidates exceed {MAX_CANDIDATES}: narrow the --grid values"
         )
     return found
+
+
+def edge_warnings(result_best: Candidate, candidates: Sequence[Candidate]) -> list[str]:
+    """Coefficients of the best candidate that sit on the edge of a searched range."""
+    notes = []
+    columns = {
+        f"weight.{i}": [c.weights[i] for c in candidates] for i in range(len(result_best.weights))
+    }
+    columns.update({k: [dict(c.shared)[k] for c in candidates] for k, _ in result_best.shared})
+    chosen = {f"weight.{i}": w for i, w in enumerate(result_best.weights)} | dict(
+        result_best.shared
+    )
+    for key, values in columns.items():
+        numeric = sorted(
+            {v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        )
+        if len(numeric) > 2 and chosen[key] in (numeric[0], numeric[-1]):
+            notes.append(
+                f"{key}={chosen[key]} is at the edge of the searched values {numeric}: widen --grid"
+            )
+    return notes
 
 
 def apply(recipe: Mapping[str, Any], candidate: Candidate) -> dict[str, Any]:
@@ -212,6 +250,8 @@ def search(
                 Candidate(candidate.weights, candidate.shared, loss, time.perf_counter() - t0)
             )
     best = min(scored, key=lambda c: (math.isnan(c.loss), c.loss))
+    for note in edge_warnings(best, scored):
+        LOG.warning("search: %s", note)
     return SearchResult(
         candidates=scored,
         best=best,

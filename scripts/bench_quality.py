@@ -2,12 +2,14 @@
 """The demo's experiment, scaled up by flags (model size, steps, data, seeds, device).
 
 It reuses ``mergekit_fisher.demo`` as is: same tasks, same pipeline (public ``estimate_fisher``,
-mergekit's ``run_merge``), same evaluation and table. Only the sizes change. Record GPU runs in
-docs/benchmarks.md with the exact command and device. Example (one GPU):
+``search``, mergekit's ``run_merge``), same merge rows, evaluation and tables, in both regimes
+by default (``close``: experts a short fine-tune from the base; ``forget``: experts trained
+until each forgets the other task). Only the sizes change. Record runs in docs/benchmarks.md
+with the exact command and device. Example (one GPU):
 
     python scripts/bench_quality.py --device cuda --hidden 256 --layers 4 --heads 8 \
-        --kv-heads 4 --base-steps 2000 --expert-steps 3000 --eval-size 2000 \
-        --calib-size 2048 --seeds 5 --out bench-quality-out
+        --kv-heads 4 --base-steps 2000 --close-steps 300 --forget-steps 3000 \
+        --eval-size 2000 --calib-size 2048 --seeds 5 --out bench-quality-out
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mergekit_fisher.demo.run import DemoSettings
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,8 +44,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--intermediate", type=int, default=None, help="default: 4 x hidden")
     p.add_argument("--base-steps", type=int, default=d.base.steps)
     p.add_argument("--base-lr", type=float, default=d.base.lr)
-    p.add_argument("--expert-steps", type=int, default=d.expert.steps)
-    p.add_argument("--expert-lr", type=float, default=d.expert.lr)
+    p.add_argument(
+        "--regime", default="both", choices=("close", "forget", "both"), help="which regimes"
+    )
+    p.add_argument("--close-steps", type=int, default=d.close.steps, help="close experts")
+    p.add_argument("--close-lr", type=float, default=d.close.lr)
+    p.add_argument("--forget-steps", type=int, default=d.forget.steps, help="forget experts")
+    p.add_argument("--forget-lr", type=float, default=d.forget.lr)
     p.add_argument("--batch-size", type=int, default=d.base.batch_size)
     p.add_argument("--eval-size", type=int, default=d.eval_size, help="problems per task")
     p.add_argument("--calib-size", type=int, default=d.calib_size, help="Fisher examples")
@@ -47,13 +58,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fisher-batch-size", type=int, default=d.fisher_batch_size)
     p.add_argument("--granularities", default=",".join(d.granularities), help="full,nodes")
     p.add_argument("--ties-density", type=float, default=d.ties_density)
+    p.add_argument(
+        "--search-weights",
+        default=",".join(f"{w:g}" for w in d.search_weights),
+        help="grid of the searched row (rev expert weight and base strength)",
+    )
+    p.add_argument(
+        "--search-samples", type=int, default=d.search_samples, help="valid problems scored"
+    )
     p.add_argument("--keep-models", action="store_true")
     return p.parse_args(argv)
 
 
-def settings_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def settings_from(args: argparse.Namespace) -> DemoSettings:
     """The ``DemoSettings`` the flags describe."""
-    from mergekit_fisher.demo.run import DemoSettings
+    from mergekit_fisher.demo.run import REGIMES, DemoSettings
     from mergekit_fisher.demo.train import ModelSize, TrainSettings
 
     size = ModelSize(
@@ -68,15 +87,19 @@ def settings_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         first_seed=args.first_seed,
         size=size,
         base=TrainSettings(steps=args.base_steps, lr=args.base_lr, batch_size=args.batch_size),
-        expert=TrainSettings(
-            steps=args.expert_steps, lr=args.expert_lr, batch_size=args.batch_size
+        close=TrainSettings(steps=args.close_steps, lr=args.close_lr, batch_size=args.batch_size),
+        forget=TrainSettings(
+            steps=args.forget_steps, lr=args.forget_lr, batch_size=args.batch_size
         ),
+        regimes=REGIMES if args.regime == "both" else (args.regime,),
         eval_size=args.eval_size,
         calib_size=args.calib_size,
         fisher_mode=args.fisher_mode,
         fisher_batch_size=args.fisher_batch_size,
         granularities=tuple(g for g in args.granularities.split(",") if g),
         ties_density=args.ties_density,
+        search_weights=tuple(float(w) for w in args.search_weights.split(",") if w),
+        search_samples=args.search_samples,
         device=args.device,
         threads=args.threads,
         keep_models=args.keep_models,
@@ -84,6 +107,7 @@ def settings_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the experiment, print the tables, write report.json, chart.png and command.json."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("mergekit_fisher").setLevel(logging.INFO)

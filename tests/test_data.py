@@ -340,12 +340,12 @@ def test_truncation_to_max_length(tmp_path, tok):
     assert ex.target_mask == (False, True, True, True, True)
 
 
-def test_num_samples_takes_first_n_in_source_order(tmp_path, tok):
+def test_num_samples_takes_a_round_robin_mixture_of_sources(tmp_path, tok):
     a = tmp_path / "a.txt"
     a.write_text("one\ntwo\n")
     b = _write_jsonl(tmp_path / "b.jsonl", [{"text": "three"}, {"text": "four"}])
     data = load_calibration_data([str(a), str(b)], tok, num_samples=3)
-    assert [e.input_ids for e in data.examples] == [_ids(tok, t) for t in ("one", "two", "three")]
+    assert [e.input_ids for e in data.examples] == [_ids(tok, t) for t in ("one", "three", "two")]
     more = load_calibration_data([str(a), str(b)], tok, num_samples=10)
     assert len(more.examples) == 4
 

@@ -120,24 +120,94 @@ def test_recipes_are_valid_mergekit_configs(tmp_path: Path) -> None:
     import yaml
     from mergekit.config import MergeConfiguration
 
-    from mergekit_fisher.demo.run import recipe
+    from mergekit_fisher.demo.run import MERGES, SPECS, recipe, recipe_text
 
     base, a, b = (tmp_path / n for n in ("base", "a", "b"))
-    for method in ("linear", "task_arithmetic", "ties", "fisher"):
-        text = recipe(method, base, [a, b], [tmp_path / "fa", tmp_path / "fb"])
-        config = MergeConfiguration.model_validate(yaml.safe_load(text))
-        assert config.merge_method == method
+    stores = {
+        kind: [tmp_path / f"{kind}-a", tmp_path / f"{kind}-b"] for kind in ("full", "nodes", "gram")
+    }
+    stores["base"] = [tmp_path / "base-full"]
+    for row in MERGES:
+        config = recipe(row, base, [a, b], stores)
+        text = recipe_text(config)
+        parsed = MergeConfiguration.model_validate(yaml.safe_load(text))
+        assert parsed.merge_method == SPECS[row].method
         assert str(a) in text and "dtype: float32" in text
-    assert "density: 0.5" in recipe("ties", base, [a, b])
-    assert f"fisher: {tmp_path / 'fb'}" in recipe(
-        "fisher", base, [a, b], [tmp_path / "fa", tmp_path / "fb"]
+    assert recipe("ties", base, [a, b])["models"][0]["parameters"]["density"] == 0.5
+    fisher = recipe("fisher (nodes)", base, [a, b], stores)["models"]
+    assert [m["parameters"]["fisher"] for m in fisher] == [str(p) for p in stores["nodes"]]
+    # The anchor is the base with its own store, listed last (search keeps the first weight).
+    anchored = recipe("fisher+base", base, [a, b], stores)
+    assert anchored["base_model"] == str(base)
+    assert anchored["models"][-1] == {
+        "model": str(base),
+        "parameters": {"weight": 1.0, "fisher": str(stores["base"][0])},
+    }
+    assert anchored == recipe("fisher+base (searched)", base, [a, b], stores)
+    regmean = recipe("regmean", base, [a, b], stores)["models"]
+    assert [m["parameters"]["gram"] for m in regmean] == [str(p) for p in stores["gram"]]
+
+
+def test_mixture_alternates_and_truncates() -> None:
+    from mergekit_fisher.demo.run import _mixture
+
+    add, rev = (sample_problems(t, "train", 4, 0) for t in TASKS)
+    mixed = _mixture([add, rev], 5)
+    assert mixed == [add[0], rev[0], add[1], rev[1], add[2]]
+    with pytest.raises(ValueError):
+        _mixture([add, rev], 9)
+
+
+def _summary(norm: dict[str, list[float]]) -> tuple[dict, list[dict]]:  # type: ignore[type-arg]
+    from mergekit_fisher.demo.run import summarize
+
+    n = len(next(iter(norm.values())))
+    seeds = []
+    for i in range(n):
+        score = {t.name: {"accuracy": 0.5, "loss": 1.0, "n": 1} for t in TASKS}
+        seeds.append(
+            {
+                "scores": {row: score for row in norm},
+                "normalized_accuracy": {row: v[i] for row, v in norm.items()},
+            }
+        )
+    return summarize(seeds, list(norm)), seeds
+
+
+def test_verdict_is_honest_whoever_wins() -> None:
+    from mergekit_fisher.demo.run import verdict
+
+    norm = {
+        "base": [0.4, 0.4, 0.4],
+        "expert add": [0.5] * 3,
+        "expert rev": [0.5] * 3,
+        "linear": [0.3, 0.4, 0.2],
+        "fisher+base": [0.6, 0.3, 0.45],
+        "regmean": [0.2, 0.1, 0.1],
+    }
+    v = verdict(*_summary(norm), regime="forget")
+    assert v["best"] == "fisher+base" and v["seeds_ahead_of_linear"]["fisher+base"] == 2
+    assert v["margin_over_linear"] == pytest.approx(0.15)
+    assert v["text"].startswith("forget: fisher+base won")
+    assert (
+        "ahead of linear in 2/3 seeds" in v["text"] and "regmean 0.133 (-0.167, 0/3)" in v["text"]
     )
+    assert "runner-up linear 0.300, fisher+base ahead of it in 2/3 seeds" in v["text"]
+    assert "(fisher+base is above it, ahead in 2/3 seeds; 1/3 merges are above it)" in v["text"]
+
+    norm["linear"] = [0.9, 0.9, 0.9]
+    v = verdict(*_summary(norm), regime="close")
+    assert v["best"] == "linear" and v["margin_over_linear"] == 0
+    assert v["text"].startswith("close: linear won")
+    assert "ahead of fisher+base (0.450; ahead of it in 3/3 seeds)" in v["text"]
+    assert v["seeds_ahead_of_linear"] == {"fisher+base": 0, "regmean": 0}
 
 
 def test_demo_command_help() -> None:
     result = CliRunner().invoke(main, ["demo", "--help"])
     assert result.exit_code == 0
     assert "--seeds" in result.output and "--out" in result.output
+    assert "--regime" in result.output and "[close|forget|both]" in result.output
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,39 +224,72 @@ def _estimator_available() -> bool:
 
 @pytest.mark.skipif(not _estimator_available(), reason="mergekit_fisher.estimate_fisher missing")
 def test_reduced_demo_end_to_end(tmp_path: Path) -> None:
-    from mergekit_fisher.demo.run import DemoSettings, format_table, model_rows, run_demo
+    from mergekit_fisher.demo.run import (
+        MERGES,
+        REGIMES,
+        DemoSettings,
+        format_table,
+        model_rows,
+        run_demo,
+    )
     from mergekit_fisher.demo.train import TrainSettings
 
     settings = DemoSettings(
         seeds=1,
         base=TrainSettings(steps=40, lr=3e-3),
-        expert=TrainSettings(steps=30, lr=1e-3),
+        close=TrainSettings(steps=10, lr=3e-4),
+        forget=TrainSettings(steps=30, lr=1e-3),
         eval_size=40,
         calib_size=24,
+        search_samples=16,
         keep_models=True,
     )
     report = run_demo(tmp_path / "out", settings)
 
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert saved["verdict"]["text"] == report["verdict"]["text"]
     assert (tmp_path / "out" / "chart.png").stat().st_size > 1000
-    rows = saved["rows"]
-    assert rows == [r for r in model_rows(settings.granularities) if r in rows]
-    assert {"base", "expert add", "expert rev", "linear", "task_arithmetic", "ties"} <= set(rows)
-    assert "fisher (full)" in rows
-    assert ("fisher (nodes)" in rows) != bool(saved["skipped"])
-    (seed,) = saved["seeds"]
-    for row in rows:
-        for task in ("add", "rev"):
-            score = seed["scores"][row][task]
-            assert 0.0 <= score["accuracy"] <= 1.0 and score["loss"] > 0 and score["n"] == 40
-        assert saved["summary"][row]["normalized_accuracy"]["values"]
-    for row, merge in seed["merges"].items():
-        assert any(f.endswith(".safetensors") for f in merge["files"]), row
-        assert Path(merge["recipe"]).is_file()
-        assert (Path(merge["output"]) / "config.json").is_file()
-    fisher_recipe = Path(seed["merges"]["fisher (full)"]["recipe"]).read_text()
-    assert "merge_method: fisher" in fisher_recipe
+    assert list(saved["regimes"]) == list(REGIMES)
     table = format_table(saved)
-    assert all(row in table for row in rows) and "verdict:" in table
-    assert saved["verdict"]["best"] in rows
+    assert table == format_table(report)
+    for regime, part in saved["regimes"].items():
+        assert part["verdict"]["text"] == report["regimes"][regime]["verdict"]["text"]
+        assert part["verdict"]["text"].startswith(f"{regime}: ")
+        assert part["expert_training"]["steps"] == settings.expert_training(regime).steps
+        rows = part["rows"]
+        assert rows == [r for r in model_rows(settings.granularities) if r in rows]
+        assert {"base", "expert add", "expert rev"} | set(MERGES) - {"fisher (nodes)"} <= set(rows)
+        assert ("fisher (nodes)" in rows) != bool(saved["skipped"])
+        (seed,) = part["seeds"]
+        assert list(seed["scores"]) == rows
+        for row in rows:
+            for task in ("add", "rev"):
+                score = seed["scores"][row][task]
+                assert 0.0 <= score["accuracy"] <= 1.0 and score["loss"] > 0 and score["n"] == 40
+            assert part["summary"][row]["normalized_accuracy"]["values"]
+        for row, merge in seed["merges"].items():
+            assert any(f.endswith(".safetensors") for f in merge["files"]), row
+            assert Path(merge["recipe"]).is_file()
+            assert (Path(merge["output"]) / "config.json").is_file()
+        recipes = {row: Path(m["recipe"]).read_text() for row, m in seed["merges"].items()}
+        assert "merge_method: fisher" in recipes["fisher (full)"]
+        assert "merge_method: regmean" in recipes["regmean"] and "gram: " in recipes["regmean"]
+        assert "base_model: " in recipes["fisher+base"]
+        # The searched row merges the best candidate of a 3 x 3 grid scored on `valid`.
+        search = seed["search"]
+        assert search["held_out"] == "valid" and len(search["candidates"]) == 9
+        assert search["best"]["loss"] == min(c["loss"] for c in search["candidates"])
+        best = search["best"]["weights"]
+        assert f"weight: {best[2]}" in recipes["fisher+base (searched)"].split("\n- model")[3]
+        assert part["verdict"]["best"] in rows
+        assert all(row in table for row in rows)
+    assert saved["seeds"][0]["shared_timings_s"]["estimate_base"] >= 0
+    assert "verdict: close: " in table and "verdict: forget: " in table
+
+
+@pytest.mark.skipif(not _estimator_available(), reason="mergekit_fisher.estimate_fisher missing")
+def test_demo_refuses_an_unknown_regime(tmp_path: Path) -> None:
+    from mergekit_fisher.demo.run import DemoSettings, run_demo
+
+    with pytest.raises(ValueError, match="unknown regime 'far'"):
+        run_demo(tmp_path / "out", DemoSettings(regimes=("far",)))
+    assert not (tmp_path / "out").exists()

@@ -11,7 +11,14 @@ import yaml
 from click.testing import CliRunner
 from conftest import fisher_recipe, make_store, run_recipe
 
-from mergekit_fisher.search import SearchError, apply, candidates_for, parse_grid, search
+from mergekit_fisher.search import (
+    SearchError,
+    apply,
+    candidates_for,
+    edge_warnings,
+    parse_grid,
+    search,
+)
 from mergekit_fisher.store import clear_cache
 
 
@@ -55,6 +62,14 @@ def test_grid_parsing_and_candidates() -> None:
     assert [m["parameters"]["weight"] for m in applied["models"]] == [1.0, 2.0, 2.0]
     assert applied["parameters"] == {"epsilon": 1}
     assert "parameters" not in recipe["models"][1]  # the input recipe is left alone
+    per_model = candidates_for(recipe, {"weight.2": [0, 1, 2], "weight.1": [1]})
+    assert [c.weights for c in per_model] == [(1.0, 1.0, 0.0), (1.0, 1.0, 1.0), (1.0, 1.0, 2.0)]
+    assert edge_warnings(per_model[0], per_model) == [
+        "weight.2=0.0 is at the edge of the searched values [0.0, 1.0, 2.0]: widen --grid"
+    ]
+    assert edge_warnings(per_model[1], per_model) == []
+    with pytest.raises(SearchError, match=r"weight\.0 to weight\.2"):
+        candidates_for(recipe, {"weight.3": [1]})
     with pytest.raises(SearchError, match="KEY=V1"):
         parse_grid(["weight"])
     with pytest.raises(SearchError, match="narrow"):

@@ -1,22 +1,27 @@
-"""The offline demo: does Fisher merging merge better than averaging?
+"""The offline demo: which merge method merges two experts best, and when?
 
-Per seed, on CPU in about a minute (docs/demo.md has the numbers and the reasons):
+Per seed, on CPU (docs/demo.md has the numbers and the reasons):
 
 1. build a tiny Llama (``ModelSize``) and train a shared base on an even mixture of the two
    tasks in ``tasks`` (``add``: 2-digit addition; ``rev``: reversing 3-8 letters) for
    ``base.steps`` steps;
-2. fine-tune one expert per task from that base (``expert.steps`` steps on its task only);
-3. estimate each expert's Fisher with the public ``estimate_fisher`` API on ``calib_size``
-   prompt/completion examples of its own task's train split (``full``, and ``nodes`` when the
-   estimator supports it);
-4. merge the experts through mergekit's own ``run_merge`` (what ``mergekit-yaml`` runs) with
-   ``linear``, ``task_arithmetic``, ``ties`` and ``fisher``;
+2. per *regime*, fine-tune one expert per task from that base: ``close`` (a short, gentle
+   fine-tune: experts stay near the base) and ``forget`` (long enough that each expert forgets
+   the other task);
+3. estimate, with the public ``estimate_fisher`` API, each expert's Fisher (``full`` and
+   ``nodes``) and RegMean Gram matrices on ``calib_size`` examples of its own task's train
+   split, and the base's Fisher on an even mixture of the experts' calibration data;
+4. merge through mergekit's own ``run_merge`` (what ``mergekit-yaml`` runs): ``linear``,
+   ``task_arithmetic``, ``ties``, ``fisher`` (full, nodes), ``fisher`` anchored on the base,
+   the same with coefficients chosen by ``mergekit_fisher.search`` on the ``valid`` split, and
+   ``regmean``;
 5. evaluate base, experts and merges on ``eval_size`` held-out problems per task (greedy
    exact match and completion loss).
 
 Every setting below was fixed before any merge was evaluated, from training curves and the
-``valid`` split only; the evaluation split is never used to choose anything. The verdict
-reports the best merge and its margin over ``linear`` whatever the outcome.
+``valid`` split only; the evaluation split is never used to choose anything (the coefficient
+search scores candidates on ``valid``). The verdict reports, per regime, the best merge, its
+margin over ``linear`` and where the unmerged base stands, whatever the outcome.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import platform
 import shutil
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,21 +47,60 @@ from mergekit_fisher.demo.train import ModelSize, TrainSettings, build_model, tr
 
 __all__ = [
     "MERGES",
+    "REGIMES",
     "DemoSettings",
+    "MergeSpec",
     "format_table",
     "model_rows",
+    "recipe",
     "run_demo",
 ]
 
 logger = logging.getLogger(__name__)
 
-MERGES = ("linear", "task_arithmetic", "ties", "fisher (full)", "fisher (nodes)")
+
+@dataclass(frozen=True)
+class MergeSpec:
+    """How one merge row is made.
+
+    ``store``: the per-expert store it reads (``full``/``nodes`` Fisher, ``gram``), or none.
+    ``anchored``: the base takes part as one more Fisher-weighted input (its own store).
+    ``searched``: coefficients chosen by ``mergekit_fisher.search`` on the ``valid`` split.
+    """
+
+    method: str
+    store: str = ""
+    anchored: bool = False
+    searched: bool = False
+
+
+SPECS: dict[str, MergeSpec] = {
+    "linear": MergeSpec("linear"),
+    "task_arithmetic": MergeSpec("task_arithmetic"),
+    "ties": MergeSpec("ties"),
+    "fisher (full)": MergeSpec("fisher", "full"),
+    "fisher (nodes)": MergeSpec("fisher", "nodes"),
+    "fisher+base": MergeSpec("fisher", "full", anchored=True),
+    "fisher+base (searched)": MergeSpec("fisher", "full", anchored=True, searched=True),
+    "regmean": MergeSpec("regmean", "gram"),
+}
+MERGES = tuple(SPECS)
 """Merge rows, in table order; ``fisher (nodes)`` is dropped when the estimator lacks nodes."""
+
+REGIMES = ("close", "forget")
+"""``close``: experts a short, gentle fine-tune away from the base; ``forget``: experts trained
+until each has forgotten the other task."""
 
 
 @dataclass(frozen=True)
 class DemoSettings:
     """Everything that shapes a run. The defaults are the documented demo (docs/demo.md).
+
+    ``close`` and ``forget`` are the expert fine-tuning of the two regimes; ``regimes`` says
+    which to run (the base is trained once per seed and shared). ``search_weights`` is the grid
+    of the searched row: the ``rev`` expert's weight and the base's anchor strength, each over
+    these values (the ``add`` expert's weight stays 1), scored by completion loss on
+    ``search_samples`` ``valid`` problems (half per task).
 
     ``threads`` is torch's intra-op thread count for the run (0: leave torch's default). One
     thread is the default because a 64-wide model gains little from a second one, and on a
@@ -67,22 +111,41 @@ class DemoSettings:
     first_seed: int = 0
     size: ModelSize = field(default_factory=ModelSize)
     base: TrainSettings = field(default_factory=lambda: TrainSettings(steps=300, lr=3e-3))
-    expert: TrainSettings = field(default_factory=lambda: TrainSettings(steps=500, lr=1e-3))
+    close: TrainSettings = field(default_factory=lambda: TrainSettings(steps=100, lr=3e-4))
+    forget: TrainSettings = field(default_factory=lambda: TrainSettings(steps=500, lr=1e-3))
+    regimes: tuple[str, ...] = REGIMES
     eval_size: int = 500
     calib_size: int = 256
     fisher_mode: str = "sampled"
     fisher_batch_size: int = 32
     granularities: tuple[str, ...] = ("full", "nodes")
     ties_density: float = 0.5
+    search_weights: tuple[float, ...] = (0.5, 1.0, 2.0)
+    search_samples: int = 128
     device: str = "cpu"
     threads: int = 1
     keep_models: bool = False
 
+    def expert_training(self, regime: str) -> TrainSettings:
+        """The expert fine-tuning of ``regime``."""
+        if regime not in REGIMES:
+            raise ValueError(f"unknown regime {regime!r}: one of {', '.join(REGIMES)}")
+        return self.close if regime == "close" else self.forget
+
 
 def model_rows(granularities: Sequence[str] = ("full", "nodes")) -> list[str]:
     """Table rows: base, one expert per task, then every merge."""
-    merges = [m for m in MERGES if not m.startswith("fisher (") or m[8:-1] in granularities]
+    merges = [
+        row
+        for row, spec in SPECS.items()
+        if spec.store not in ("full", "nodes") or spec.store in granularities
+    ]
     return ["base", *(f"expert {t.name}" for t in TASKS), *merges]
+
+
+def _slug(row: str) -> str:
+    """A file name for a row: ``fisher+base (searched)`` -> ``fisher-base-searched``."""
+    return row.replace("+", "-").replace(" (", "-").rstrip(")").replace(" ", "-")
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,17 +166,18 @@ def _load(path: Path, device: str) -> torch.nn.Module:
 
 
 def _estimate(
-    model: Path, data: Path, out: Path, granularity: str, settings: DemoSettings, seed: int
+    model: Path, data: Path, out: Path, store: str, settings: DemoSettings, seed: int
 ) -> Path:
-    """The expert's Fisher store, through the public API (what ``mergekit-fisher estimate`` runs)."""
+    """A Fisher (``full``/``nodes``) or ``gram`` store through the public API (what
+    ``mergekit-fisher estimate`` runs)."""
     from mergekit_fisher import estimate_fisher
 
+    kind = {"statistic": "gram"} if store == "gram" else {"granularity": store}
     estimate_fisher(
         model=str(model),
         data=[str(data)],
         out=str(out),
         mode=settings.fisher_mode,
-        granularity=granularity,
         num_samples=settings.calib_size,
         max_length=settings.size.max_positions,
         batch_size=settings.fisher_batch_size,
@@ -121,59 +185,130 @@ def _estimate(
         device=settings.device,
         overwrite=True,
         progress=False,
+        **kind,
     )
     return out.resolve()
 
 
 def recipe(
-    method: str,
+    row: str,
     base: Path,
     experts: Sequence[Path],
-    fishers: Sequence[Path] = (),
+    stores: Mapping[str, Sequence[Path]] | None = None,
     ties_density: float = 0.5,
-) -> str:
-    """The YAML recipe of one merge (absolute paths: see the mergekit notes, section 4)."""
-    lines = []
-    if method == "linear":
-        lines += ["merge_method: linear", "models:"]
-        lines += [f"  - model: {e}\n    parameters: {{weight: 1.0}}" for e in experts]
-    elif method in ("task_arithmetic", "ties"):
-        extra = f", density: {ties_density}" if method == "ties" else ""
-        lines += [f"merge_method: {method}", f"base_model: {base}", "models:"]
-        lines += [f"  - model: {e}\n    parameters: {{weight: 1.0{extra}}}" for e in experts]
-    elif method.startswith("fisher"):
-        lines += ["merge_method: fisher", "models:"]
-        lines += [
-            f"  - model: {e}\n    parameters: {{weight: 1.0, fisher: {f}}}"
-            for e, f in zip(experts, fishers)
-        ]
-        lines += ["parameters: {normalize: true}"]
+) -> dict[str, Any]:
+    """The mergekit recipe of one merge row, as a dict (absolute paths: see the mergekit notes).
+
+    ``stores`` maps a store kind (``full``, ``nodes``, ``gram``) to one store per expert, and
+    ``base`` to the base's own Fisher store (anchored rows). Every recipe weight is 1.0: the
+    searched row starts from the anchored recipe and lets ``search`` change them.
+    """
+    spec = SPECS[row]
+    stores = stores or {}
+    key = {"fisher": "fisher", "regmean": "gram"}.get(spec.method, "")
+
+    def entry(model: Path, store: Path | None = None, **extra: Any) -> dict[str, Any]:
+        params: dict[str, Any] = {"weight": 1.0, **extra}
+        if store is not None:
+            params[key] = str(store)
+        return {"model": str(model), "parameters": params}
+
+    out: dict[str, Any] = {"merge_method": spec.method}
+    if spec.method in ("task_arithmetic", "ties"):
+        extra = {"density": ties_density} if spec.method == "ties" else {}
+        out["base_model"] = str(base)
+        out["models"] = [entry(e, **extra) for e in experts]
+    elif spec.store:
+        if spec.anchored:
+            out["base_model"] = str(base)
+        out["models"] = [entry(e, s) for e, s in zip(experts, stores[spec.store], strict=True)]
+        if spec.anchored:
+            # Listed last, so that `search` (which keeps the first weight) searches its beta.
+            out["models"].append(entry(base, stores["base"][0]))
     else:
-        raise ValueError(f"unknown merge {method!r}")
-    lines.append("dtype: float32")
-    return "\n".join(lines) + "\n"
+        out["models"] = [entry(e) for e in experts]
+    if spec.method == "fisher":
+        out["parameters"] = {"normalize": True}
+    out["dtype"] = "float32"
+    return out
 
 
-def merge(recipe_text: str, out: Path) -> list[str]:
+def recipe_text(config: Mapping[str, Any]) -> str:
+    """A recipe dict as mergekit YAML."""
+    import yaml
+
+    return yaml.safe_dump(dict(config), sort_keys=False, default_flow_style=None)
+
+
+def _quiet_transformers() -> Callable[[], None]:
+    """Silence transformers' deprecation chatter for mergekit 0.1.5's `torch_dtype` argument;
+    returns the function that restores the previous verbosity."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    return lambda: hf_logging.set_verbosity(verbosity)
+
+
+def merge(config: Mapping[str, Any] | str, out: Path) -> list[str]:
     """Run one recipe through mergekit's ``run_merge``; returns the files it wrote."""
     import yaml
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
-    from transformers.utils import logging as hf_logging
 
-    import mergekit_fisher.method  # noqa: F401  (registers `fisher` with mergekit)
+    from mergekit_fisher.method import register_methods
 
-    config = MergeConfiguration.model_validate(yaml.safe_load(recipe_text))
+    register_methods()
+    text = config if isinstance(config, str) else recipe_text(config)
+    parsed = MergeConfiguration.model_validate(yaml.safe_load(text))
     options = MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False)
-    # mergekit 0.1.5 passes transformers 5 a deprecated `torch_dtype`: not the user's concern.
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
+    restore = _quiet_transformers()
     try:
-        run_merge(config, str(out), options=options, config_source=recipe_text)
+        run_merge(parsed, str(out), options=options, config_source=text)
     finally:
-        hf_logging.set_verbosity(verbosity)
+        restore()
     return sorted(p.name for p in out.iterdir())
+
+
+def _search(
+    config: Mapping[str, Any], held_out: Path, scratch: Path, settings: DemoSettings
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Coefficient search on the held-out (``valid``) file; returns (best recipe, record)."""
+    from mergekit_fisher.search import search
+
+    scratch.mkdir(parents=True, exist_ok=True)
+    restore = _quiet_transformers()
+    try:
+        result = search(
+            config,
+            [str(held_out)],
+            grid={"weight": list(settings.search_weights)},
+            num_samples=settings.search_samples,
+            max_length=settings.size.max_positions,
+            batch_size=64,
+            device=settings.device,
+            scratch=scratch,
+        )
+    finally:
+        restore()
+    names = [Path(m["model"]).name for m in config["models"]]
+    grid = settings.search_weights
+    searched = result.best.weights[1:]
+    record = {
+        "held_out": "valid",
+        "num_samples": settings.search_samples,
+        "target_tokens": result.sample_tokens,
+        "models": names,
+        "grid": list(grid),
+        "candidates": [
+            {"weights": list(c.weights), "loss": round(c.loss, 6)} for c in result.candidates
+        ],
+        "best": {"weights": list(result.best.weights), "loss": round(result.best.loss, 6)},
+        "at_grid_edge": any(w in (min(grid), max(grid)) for w in searched),
+        "seconds": round(result.seconds, 2),
+    }
+    return result.best_recipe, record
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,117 +328,211 @@ def _nodes_unavailable(error: Exception) -> bool:
     )
 
 
+def _mixture(groups: Sequence[Sequence[Problem]], n: int) -> list[Problem]:
+    """``n`` problems taken alternately from ``groups`` (an even mixture, in order)."""
+    mixed = [p for row in zip(*groups) for p in row]
+    if len(mixed) < n:
+        raise ValueError(f"the groups hold {len(mixed)} interleaved problems, {n} asked")
+    return mixed[:n]
+
+
+class _Clock:
+    """Accumulates wall time per stage (``lap("merge")`` after the merge)."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.timings[stage] = round(self.timings.get(stage, 0.0) + now - self._last, 2)
+        self._last = now
+
+
 def run_seed(
     seed: int, root: Path, settings: DemoSettings, granularities: list[str]
 ) -> dict[str, Any]:
-    """Train, estimate, merge and evaluate one seed; returns its part of the report.
+    """Train, estimate, merge and evaluate one seed in every regime of ``settings``.
 
-    ``granularities`` is updated in place when the estimator turns out not to support one.
+    Returns ``{"seed", "shared_timings_s" (base training, evaluation and Fisher), "regimes":
+    {regime: that regime's part of the report}}``. ``granularities`` is updated in place when
+    the estimator turns out not to support one.
     """
     device = settings.device
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[stage] = round(timings.get(stage, 0.0) + now - clock, 2)
-        clock = now
-
+    clock = _Clock()
     evals = {t.name: sample_problems(t, "eval", settings.eval_size, seed, "eval") for t in TASKS}
-    scores: dict[str, dict[str, TaskScore]] = {}
-    curves: dict[str, list[float]] = {}
 
     logger.info(
         "seed %d: training the base on the mixture of %s", seed, "+".join(t.name for t in TASKS)
     )
     base = build_model(settings.size, seed).to(device)
-    curves["base"] = train(base, TASKS, settings.base, seed, "base", device)
+    base_curve = train(base, TASKS, settings.base, seed, "base", device)
     base_dir = _save(base, root / "models" / "base")
-    lap("train_base")
-    scores["base"] = _scores(base, evals, device)
-    lap("evaluate")
+    clock.lap("train_base")
+    base_scores = _scores(base, evals, device)
+    clock.lap("evaluate_base")
 
+    # Calibration data (per task, train split) and the held-out data of the search (valid
+    # split), shared by the regimes; the base's Fisher is on an even mixture of the experts'
+    # calibration data, the same total size.
+    calib = {
+        t.name: sample_problems(t, "train", settings.calib_size, seed, "calibration") for t in TASKS
+    }
+    calib_files = {
+        name: write_jsonl(problems, root / "data" / f"{name}-calibration.jsonl")
+        for name, problems in calib.items()
+    }
+    base_calib = write_jsonl(
+        _mixture(list(calib.values()), settings.calib_size),
+        root / "data" / "base-calibration.jsonl",
+    )
+    per_task = -(-settings.search_samples // len(TASKS))
+    valid = [sample_problems(t, "valid", per_task, seed, "search") for t in TASKS]
+    held_out = write_jsonl(
+        _mixture(valid, settings.search_samples), root / "data" / "valid-mixture.jsonl"
+    )
+    logger.info("seed %d: estimating the base's Fisher on the calibration mixture", seed)
+    base_store = _estimate(
+        base_dir, base_calib, root / "fishers" / "base-full", "full", settings, seed
+    )
+    clock.lap("estimate_base")
+
+    regimes: dict[str, Any] = {}
+    for regime in settings.regimes:
+        t0 = time.perf_counter()
+        regimes[regime] = _run_regime(
+            regime,
+            seed,
+            root / regime,
+            settings,
+            granularities,
+            base,
+            base_dir,
+            base_store,
+            calib_files,
+            held_out,
+            evals,
+        )
+        regimes[regime]["scores"]["base"] = {t: asdict(s) for t, s in base_scores.items()}
+        regimes[regime]["final_train_loss"]["base"] = round(base_curve[-1], 5)
+        regimes[regime]["wall_time_s"] = round(time.perf_counter() - t0, 2)
+        _order_scores(regimes[regime])
+    if not settings.keep_models:
+        for sub in ("models", "fishers"):
+            shutil.rmtree(root / sub, ignore_errors=True)
+    return {"seed": seed, "shared_timings_s": clock.timings, "regimes": regimes}
+
+
+def _order_scores(part: dict[str, Any]) -> None:
+    """Put the base first in the per-seed scores (it is evaluated once, before the regimes)."""
+    scores = part["scores"]
+    part["scores"] = {"base": scores.pop("base"), **scores}
+    part["normalized_accuracy"] = _normalized(part["scores"])
+
+
+def _run_regime(
+    regime: str,
+    seed: int,
+    root: Path,
+    settings: DemoSettings,
+    granularities: list[str],
+    base: torch.nn.Module,
+    base_dir: Path,
+    base_store: Path,
+    calib_files: Mapping[str, Path],
+    held_out: Path,
+    evals: dict[str, list[Problem]],
+) -> dict[str, Any]:
+    """Experts, their stores, every merge and every evaluation of one regime of one seed."""
+    device = settings.device
+    clock = _Clock()
+    scores: dict[str, dict[str, TaskScore]] = {}
+    curves: dict[str, list[float]] = {}
     experts: list[Path] = []
     for task in TASKS:
-        logger.info("seed %d: fine-tuning expert %s", seed, task.name)
+        logger.info("seed %d, %s: fine-tuning expert %s", seed, regime, task.name)
         expert = copy.deepcopy(base)
         curves[f"expert {task.name}"] = train(
-            expert, [task], settings.expert, seed, f"expert-{task.name}", device
+            expert,
+            [task],
+            settings.expert_training(regime),
+            seed,
+            f"expert-{task.name}",
+            device,
         )
         experts.append(_save(expert, root / "models" / f"expert-{task.name}"))
-        lap("train_experts")
+        clock.lap("train_experts")
         scores[f"expert {task.name}"] = _scores(expert, evals, device)
-        lap("evaluate")
+        clock.lap("evaluate")
         del expert
-    del base
 
-    fishers: dict[str, list[Path]] = {}
-    for granularity in list(granularities):
-        stores: list[Path] = []
+    stores: dict[str, list[Path]] = {"base": [base_store]}
+    for kind in [*granularities, "gram"]:
+        found: list[Path] = []
         try:
             for task, expert_dir in zip(TASKS, experts):
                 logger.info(
-                    "seed %d: estimating %s Fisher of expert %s", seed, granularity, task.name
+                    "seed %d, %s: estimating %s of expert %s", seed, regime, kind, task.name
                 )
-                calib = sample_problems(task, "train", settings.calib_size, seed, "calibration")
-                data = write_jsonl(calib, root / "data" / f"{task.name}-calibration.jsonl")
-                out = root / "fishers" / f"{granularity}-{task.name}"
-                stores.append(_estimate(expert_dir, data, out, granularity, settings, seed))
+                out = root / "fishers" / f"{kind}-{task.name}"
+                found.append(
+                    _estimate(expert_dir, calib_files[task.name], out, kind, settings, seed)
+                )
         except Exception as error:
-            if granularity == "full" or not _nodes_unavailable(error):
+            if kind != "nodes" or not _nodes_unavailable(error):
                 raise
-            logger.warning("skipping fisher (%s): the estimator says %s", granularity, error)
-            granularities.remove(granularity)
+            logger.warning("skipping fisher (nodes): the estimator says %s", error)
+            granularities.remove(kind)
             continue
         finally:
-            lap("estimate")
-        fishers[granularity] = stores
+            clock.lap("estimate")
+        stores[kind] = found
 
     merges: dict[str, dict[str, Any]] = {}
+    search_record: dict[str, Any] | None = None
     for row in model_rows(granularities)[1 + len(TASKS) :]:
-        method = row.split(" ")[0]
-        granularity = row[8:-1] if method == "fisher" else ""
-        text = recipe(
-            method, base_dir, experts, fishers.get(granularity, []), settings.ties_density
-        )
-        slug = row.replace(" (", "-").rstrip(")")
+        config = recipe(row, base_dir, experts, stores, settings.ties_density)
+        if SPECS[row].searched:
+            logger.info("seed %d, %s: searching %s on the valid split", seed, regime, row)
+            config, search_record = _search(config, held_out, root / "search", settings)
+            clock.lap("search")
+        slug = _slug(row)
         recipe_path = root / "recipes" / f"{slug}.yml"
         recipe_path.parent.mkdir(parents=True, exist_ok=True)
-        recipe_path.write_text(text)
-        logger.info("seed %d: merging with %s", seed, row)
+        recipe_path.write_text(recipe_text(config))
+        logger.info("seed %d, %s: merging with %s", seed, regime, row)
         out = root / "merges" / slug
-        files = merge(text, out)
-        lap("merge")
+        files = merge(config, out)
+        clock.lap("merge")
         merged = _load(out, device)
         scores[row] = _scores(merged, evals, device)
-        lap("evaluate")
+        clock.lap("evaluate")
         del merged
         merges[row] = {"recipe": str(recipe_path), "output": str(out), "files": files}
 
     if not settings.keep_models:
-        for sub in ("models", "fishers", "merges"):
+        for sub in ("models", "fishers", "merges", "search"):
             shutil.rmtree(root / sub, ignore_errors=True)
     return {
         "seed": seed,
         "scores": {
             row: {t: asdict(s) for t, s in by_task.items()} for row, by_task in scores.items()
         },
-        "normalized_accuracy": _normalized(scores),
         "merges": merges,
+        "search": search_record,
         "final_train_loss": {k: round(v[-1], 5) for k, v in curves.items()},
-        "timings_s": timings,
+        "timings_s": clock.timings,
     }
 
 
-def _normalized(scores: dict[str, dict[str, TaskScore]]) -> dict[str, float]:
+def _normalized(scores: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
     """Each row's accuracy on each task over that task's expert's, averaged over the tasks."""
     out = {}
     for row, by_task in scores.items():
         ratios = []
         for t in TASKS:
-            expert = scores[f"expert {t.name}"][t.name].accuracy
-            ratios.append(by_task[t.name].accuracy / expert if expert > 0 else 0.0)
+            expert = scores[f"expert {t.name}"][t.name]["accuracy"]
+            ratios.append(by_task[t.name]["accuracy"] / expert if expert > 0 else 0.0)
         out[row] = sum(ratios) / len(ratios)
     return out
 
@@ -331,13 +560,16 @@ def summarize(per_seed: Sequence[dict[str, Any]], rows: Sequence[str]) -> dict[s
     return summary
 
 
-def verdict(summary: dict[str, Any], per_seed: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Which merge has the best mean normalized accuracy, and by how much over ``linear``."""
-    merges = [row for row in summary if row in MERGES]
+def verdict(
+    summary: dict[str, Any], per_seed: Sequence[dict[str, Any]], regime: str = ""
+) -> dict[str, Any]:
+    """The best merge by mean normalized accuracy, its margin over ``linear``, the seeds in
+    which each merge beat ``linear``, and where the unmerged base stands."""
+    merges = [row for row in summary if row in SPECS]
     mean = {row: summary[row]["normalized_accuracy"]["mean"] for row in merges}
-    best = max(merges, key=lambda row: mean[row])
     ranked = sorted(merges, key=lambda row: -mean[row])
-    runner_up = ranked[1] if len(ranked) > 1 else best
+    best = ranked[0]
+    n = len(per_seed)
     wins = {
         row: sum(
             s["normalized_accuracy"][row] > s["normalized_accuracy"]["linear"] for s in per_seed
@@ -347,26 +579,42 @@ def verdict(summary: dict[str, Any], per_seed: Sequence[dict[str, Any]]) -> dict
     }
     margin = mean[best] - mean["linear"]
     std = summary[best]["normalized_accuracy"]["std"]
+    runner_up = ranked[1] if len(ranked) > 1 else best
+
+    def ahead(row: str, other: str) -> int:
+        """Seeds in which ``row`` beat ``other`` (paired: same seed, same experts)."""
+        return sum(
+            s["normalized_accuracy"][row] > s["normalized_accuracy"][other] for s in per_seed
+        )
+
+    head = f"{regime}: " if regime else ""
     if best == "linear":
         text = (
-            f"linear won: mean normalized accuracy {mean['linear']:.3f}, "
-            f"{mean['linear'] - mean[runner_up]:.3f} ahead of {runner_up} ({mean[runner_up]:.3f})"
+            f"{head}linear won: mean normalized accuracy {mean['linear']:.3f} ± {std:.3f}, "
+            f"{mean['linear'] - mean[runner_up]:.3f} ahead of {runner_up} ({mean[runner_up]:.3f}; "
+            f"ahead of it in {ahead(best, runner_up)}/{n} seeds)"
         )
     else:
         text = (
-            f"{best} won: mean normalized accuracy {mean[best]:.3f} ± {std:.3f} vs linear "
-            f"{mean['linear']:.3f} ({margin:+.3f}; ahead of linear in {wins[best]}/{len(per_seed)} seeds)"
+            f"{head}{best} won: mean normalized accuracy {mean[best]:.3f} ± {std:.3f} vs linear "
+            f"{mean['linear']:.3f} ({margin:+.3f}; ahead of linear in {wins[best]}/{n} seeds; "
+            f"runner-up {runner_up} {mean[runner_up]:.3f}, {best} ahead of it in "
+            f"{ahead(best, runner_up)}/{n} seeds)"
         )
-    fisher_rows = [r for r in merges if r.startswith("fisher")]
-    for row in fisher_rows:
-        if row != best:
-            text += (
-                f"; {row}: {mean[row]:.3f} ({mean[row] - mean['linear']:+.3f} vs linear, "
-                f"ahead in {wins[row]}/{len(per_seed)} seeds)"
-            )
+    others = [
+        f"{row} {mean[row]:.3f} ({mean[row] - mean['linear']:+.3f}, {wins[row]}/{n})"
+        for row in ranked
+        if row not in (best, "linear")
+    ]
+    if others:
+        text += "; others vs linear (seeds ahead): " + ", ".join(others)
     base = summary["base"]["normalized_accuracy"]["mean"]
+    above = [row for row in ranked if mean[row] > base]
     relation = "above" if mean[best] > base else "below" if mean[best] < base else "level with"
-    text += f"; the unmerged base scores {base:.3f} ({best} is {relation} it)"
+    text += (
+        f"; the unmerged base scores {base:.3f} ({best} is {relation} it, ahead in "
+        f"{ahead(best, 'base')}/{n} seeds; {len(above)}/{len(merges)} merges are above it)"
+    )
     return {
         "best": best,
         "best_mean": mean[best],
@@ -374,15 +622,16 @@ def verdict(summary: dict[str, Any], per_seed: Sequence[dict[str, Any]]) -> dict
         "base_mean": base,
         "margin_over_linear": margin,
         "seeds_ahead_of_linear": wins,
+        "runner_up": runner_up,
+        "seeds_ahead_of_runner_up": ahead(best, runner_up),
+        "seeds_ahead_of_base": ahead(best, "base"),
+        "merges_above_base": above,
         "ranking": ranked,
         "text": text,
     }
 
 
-def format_table(report: dict[str, Any]) -> str:
-    """The demo's result table (mean ± std over seeds) and its verdict, as plain text."""
-    summary = report["summary"]
-    names = [t["name"] for t in report["tasks"]]
+def _table(summary: Mapping[str, Any], names: Sequence[str]) -> list[str]:
     headers = ["model", *(f"acc {n}" for n in names), *(f"loss {n}" for n in names), "norm acc"]
     keys = [
         *(f"accuracy_{n}" for n in names),
@@ -397,42 +646,86 @@ def format_table(report: dict[str, Any]) -> str:
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in body]
+    return lines
+
+
+def _search_line(part: Mapping[str, Any]) -> str | None:
+    """Which coefficients the search chose in each seed (and whether at the grid's edge)."""
+    records = [s["search"] for s in part["seeds"] if s.get("search")]
+    if not records:
+        return None
+    chosen = ", ".join(
+        f"seed {s['seed']}: {s['search']['best']['weights']}"
+        for s in part["seeds"]
+        if s.get("search")
+    )
+    edges = sum(r["at_grid_edge"] for r in records)
+    models = " / ".join(records[0]["models"])
+    return (
+        f"search (weights {models}; valid loss, grid {records[0]['grid']}): {chosen}; "
+        f"at the grid's edge in {edges}/{len(records)} seeds"
+    )
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The demo's result tables (one per regime, mean ± std over seeds) and verdicts."""
+    names = [t["name"] for t in report["tasks"]]
+    lines: list[str] = []
+    for regime, part in report["regimes"].items():
+        training = part["expert_training"]
+        lines.append(
+            f"== regime {regime}: experts fine-tuned {training['steps']} steps at lr "
+            f"{training['lr']:g} from the base =="
+        )
+        lines += _table(part["summary"], names)
+        search = _search_line(part)
+        if search:
+            lines.append(search)
+        lines.append(f"verdict: {part['verdict']['text']}")
+        lines.append("")
     seeds = len(report["seeds"])
-    lines.append("")
     lines.append(
         f"mean ± std over {seeds} seed{'s' * (seeds != 1)}; norm acc = accuracy on each task / "
-        "that task's expert's, averaged over the tasks"
+        "that task's expert's (same regime and seed), averaged over the tasks"
     )
-    lines.append(f"verdict: {report['verdict']['text']}")
     return "\n".join(lines)
 
 
 def chart(report: dict[str, Any], path: Path) -> Path:
-    """A grouped bar chart (accuracy per task and normalized accuracy, std error bars)."""
+    """Grouped bars per regime (accuracy per task and normalized accuracy, std error bars)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    summary = report["summary"]
-    rows = list(summary)
     names = [t["name"] for t in report["tasks"]]
     series = [(f"accuracy_{n}", f"accuracy {n}") for n in names]
     series.append(("normalized_accuracy", "normalized accuracy"))
     width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(max(8.0, 1.2 * len(rows)), 4.5))
-    for i, (key, label) in enumerate(series):
-        xs = [r + (i - (len(series) - 1) / 2) * width for r in range(len(rows))]
-        means = [summary[row][key]["mean"] for row in rows]
-        stds = [summary[row][key]["std"] for row in rows]
-        ax.bar(xs, means, width, yerr=stds, capsize=3, label=label)
-    ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels(rows, rotation=20, ha="right")
-    ax.set_ylabel("exact-match accuracy")
-    ax.set_ylim(0, 1.15)
+    parts = report["regimes"]
+    widest = max(len(p["summary"]) for p in parts.values())
+    fig, axes = plt.subplots(
+        len(parts), 1, figsize=(max(8.0, 1.1 * widest), 4.2 * len(parts)), squeeze=False
+    )
     seeds = len(report["seeds"])
-    ax.set_title(f"mergekit-fisher demo: merging two experts ({seeds} seeds, mean ± std)")
-    ax.legend(loc="upper left", ncols=len(series), fontsize=8)
+    for ax, (regime, part) in zip(axes[:, 0], parts.items()):
+        summary = part["summary"]
+        rows = list(summary)
+        for i, (key, label) in enumerate(series):
+            xs = [r + (i - (len(series) - 1) / 2) * width for r in range(len(rows))]
+            means = [summary[row][key]["mean"] for row in rows]
+            stds = [summary[row][key]["std"] for row in rows]
+            ax.bar(xs, means, width, yerr=stds, capsize=3, label=label)
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels(rows, rotation=20, ha="right")
+        ax.set_ylabel("exact-match accuracy")
+        ax.set_ylim(0, max(1.15, *(summary[r]["normalized_accuracy"]["mean"] + 0.1 for r in rows)))
+        training = part["expert_training"]
+        ax.set_title(
+            f"regime {regime} (experts: {training['steps']} steps at lr {training['lr']:g}); "
+            f"{seeds} seeds, mean ± std"
+        )
+        ax.legend(loc="upper left", ncols=len(series), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -459,10 +752,14 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the whole demo into ``out``; returns the report (also written as report.json).
 
-    ``out`` receives report.json, chart.png and, per seed, the recipes used (and the models,
-    Fisher stores and merges with ``keep_models``). ``on_seed`` is called after each seed.
+    ``out`` receives report.json, chart.png and, per seed and regime, the recipes used (and
+    the models, stores and merges with ``keep_models``). ``on_seed`` is called after each seed.
     """
     settings = settings or DemoSettings()
+    for regime in settings.regimes:
+        settings.expert_training(regime)  # refuses an unknown regime before any work
+    if not settings.regimes:
+        raise ValueError("no regime to run: pass at least one of " + ", ".join(REGIMES))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     out = Path(out)
@@ -485,10 +782,20 @@ def run_demo(
         versions = _versions()
     finally:
         torch.set_num_threads(threads)
-    # A granularity dropped mid-run leaves earlier seeds with rows later ones lack: keep the
-    # rows every seed has.
-    rows = [r for r in model_rows(granularities) if all(r in s["scores"] for s in per_seed)]
-    summary = summarize(per_seed, rows)
+    regimes: dict[str, Any] = {}
+    for regime in settings.regimes:
+        seeds = [s["regimes"][regime] for s in per_seed]
+        # A granularity dropped mid-run leaves earlier seeds with rows later ones lack: keep
+        # the rows every seed has.
+        rows = [r for r in model_rows(granularities) if all(r in s["scores"] for s in seeds)]
+        summary = summarize(seeds, rows)
+        regimes[regime] = {
+            "expert_training": asdict(settings.expert_training(regime)),
+            "rows": rows,
+            "seeds": seeds,
+            "summary": summary,
+            "verdict": verdict(summary, seeds, regime),
+        }
     skipped = [
         f"fisher ({g}): the estimator does not implement it"
         for g in settings.granularities
@@ -497,13 +804,11 @@ def run_demo(
     report: dict[str, Any] = {
         "settings": asdict(settings),
         "tasks": [{"name": t.name, "description": t.description} for t in TASKS],
-        "rows": rows,
-        "seeds": per_seed,
-        "summary": summary,
+        "seeds": [{k: s[k] for k in ("seed", "shared_timings_s", "wall_time_s")} for s in per_seed],
+        "regimes": regimes,
         "skipped": skipped,
         "versions": versions,
     }
-    report["verdict"] = verdict(summary, per_seed)
     report["wall_time_s"] = round(time.perf_counter() - start, 2)
     report["chart"] = str(chart(report, out / "chart.png"))
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
