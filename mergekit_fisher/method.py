@@ -132,14 +132,17 @@ def compute_dtype(entries: tuple[TensorEntry, ...]) -> torch.dtype:
     return torch.float64 if any(e.tensor.dtype == torch.float64 for e in entries) else torch.float32
 
 
-def _fisher_for(
-    entry: TensorEntry, store: FisherStore, name: str, normalize: bool
-) -> torch.Tensor | None:
-    """This input's Fisher for output tensor ``name`` (float32, on the entry's device)."""
-    located = check_binding(store, name, entry)
-    if located is None:
-        return None
-    fisher = store.get(located, device=entry.tensor.device)
+def _coefficient(
+    entry: TensorEntry,
+    store: FisherStore,
+    located: str,
+    name: str,
+    scale: float,
+    offset: float,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``scale * F + offset`` for one input, computed in place on a fresh copy of its Fisher."""
+    fisher = store.get(located, device=entry.tensor.device, dtype=dtype)
     shape = tuple(entry.tensor.shape)
     try:
         fits = torch.broadcast_shapes(fisher.shape, shape) == shape
@@ -151,10 +154,7 @@ def _fisher_for(
             f"not broadcast to {name!r} {list(shape)} of model {model_label(entry.id)}: "
             "the store describes another architecture; re-estimate it on this model"
         )
-    if normalize:
-        norm = store.global_norm
-        fisher = fisher / norm if norm > 0 else fisher
-    return fisher
+    return fisher.mul_(scale).add_(offset)
 
 
 def fisher_merge(
@@ -165,45 +165,59 @@ def fisher_merge(
     epsilon: Annotated[float, Field(ge=0)] = 1e-8,
     missing: Literal["error", "uniform"] = "error",
 ) -> torch.Tensor:
-    """Fisher-weighted average of one tensor group (see the module docstring)."""
+    """Fisher-weighted average of one tensor group (see the module docstring).
+
+    Memory: one input's Fisher at a time, and every full-size step in place, so the kernel
+    holds about three float32 copies of the tensor (numerator, denominator, one Fisher).
+    """
     name = group.metadata.name or "<unnamed tensor>"
     entries = group.entries
     weights = recipe_weights(group, weight)
     first = entries[0].tensor
     compute = compute_dtype(entries)
     stores = [store_for(e, fisher[e.id]) for e in entries]
-    fishers = [_fisher_for(e, s, name, normalize) for e, s in zip(entries, stores)]
+    located = [check_binding(s, name, e) for e, s in zip(entries, stores)]
 
-    if any(f is None for f in fishers):
-        for e, s, f in zip(entries, stores, fishers):
-            if f is None and not (s.averages_uncovered or missing == "uniform"):
+    if any(n is None for n in located):
+        for e, s, n in zip(entries, stores, located):
+            if n is None and not (s.averages_uncovered or missing == "uniform"):
                 raise StoreError(
                     f"Fisher store {s.ref} has no tensor for {name!r} (model "
                     f"{model_label(e.id)}): re-estimate it on this model, or set "
                     "`missing: uniform` to average such weights with the recipe weights"
                 )
-        covered_by_nodes = all(
-            f is not None or s.averages_uncovered for s, f in zip(stores, fishers)
-        )
-        note_averaged("not covered by node stores" if covered_by_nodes else "missing", name)
-        fishers = [None] * len(entries)
-
-    if fishers[0] is None:
+        by_nodes = all(n is not None or s.averages_uncovered for s, n in zip(stores, located))
+        note_averaged("not covered by node stores" if by_nodes else "missing", name)
         return weighted_average(entries, weights, compute).to(first.dtype)
-    numerator = torch.zeros(first.shape, dtype=compute, device=first.device)
-    denominator = torch.zeros((), dtype=compute, device=first.device)
-    for e, w, f in zip(entries, weights, fishers):
-        assert f is not None
-        coefficient = (f.to(compute) + epsilon) * w
-        numerator.addcmul_(coefficient, e.tensor.to(compute))
-        denominator = denominator + coefficient
+
+    numerator: torch.Tensor | None = None
+    denominator: torch.Tensor | None = None
+    for e, s, n, w in zip(entries, stores, located, weights):
+        assert n is not None
+        norm = s.global_norm if normalize and s.global_norm > 0 else 1.0
+        coefficient = _coefficient(e, s, n, name, w / norm, w * epsilon, compute)
+        theta = e.tensor.to(compute)
+        if numerator is None:
+            numerator = coefficient * theta
+        else:
+            numerator.addcmul_(coefficient, theta)
+        del theta
+        if denominator is None:
+            denominator = coefficient
+        elif torch.broadcast_shapes(denominator.shape, coefficient.shape) == denominator.shape:
+            denominator.add_(coefficient)
+        else:
+            denominator = denominator + coefficient
         del coefficient
-    if bool((denominator > 0).all()):
+    assert numerator is not None and denominator is not None
+    if epsilon * max(weights) >= torch.finfo(compute).tiny:
+        return numerator.div_(denominator).to(first.dtype)  # the floor keeps it positive
+    # Every Fisher can be zero at once: those elements take the linear average.
+    zero = denominator <= 0
+    if not bool(zero.any()):
         return numerator.div_(denominator).to(first.dtype)
-    # Every Fisher is zero somewhere and epsilon is 0: those elements take the linear average.
-    linear = weighted_average(entries, weights, compute)
-    safe = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
-    return torch.where(denominator > 0, numerator / safe, linear).to(first.dtype)
+    numerator.div_(denominator.masked_fill(zero, 1.0))
+    return torch.where(zero, weighted_average(entries, weights, compute), numerator).to(first.dtype)
 
 
 FISHER = merge_method(

@@ -33,7 +33,7 @@ import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -407,7 +407,7 @@ def resolve_store_path(ref: str, revision: str | None = None) -> Path:
 
 
 class FisherStore:
-    """A lazily read Fisher store. Thread-safe: file handles are per thread."""
+    """A lazily read Fisher store. Thread-safe: every read opens its own handle."""
 
     def __init__(self, path: Path, ref: str | None = None):
         self.path = Path(path)
@@ -430,7 +430,6 @@ class FisherStore:
                 f"{self.ref} has store format v{version}; this mergekit-fisher reads "
                 f"v{FORMAT_VERSION}: upgrade mergekit-fisher or re-create the store"
             )
-        self._local = threading.local()
         self._weight_map = self._read_weight_map()
         self._stats = {
             name: TensorStats.from_json(data)
@@ -465,21 +464,23 @@ class FisherStore:
         return weight_map
 
     def _header_names(self, filename: str) -> list[str]:
-        return list(self._handle(filename).keys())
+        with self._open(filename) as handle:
+            return list(handle.keys())
 
-    def _handle(self, filename: str):  # type: ignore[no-untyped-def]
-        handles = getattr(self._local, "handles", None)
-        if handles is None:
-            handles = self._local.handles = {}
-        if filename not in handles:
-            try:
-                handles[filename] = safe_open(str(self.path / filename), framework="pt")
-            except Exception as error:  # safetensors raises its own SafetensorError
-                raise StoreError(
-                    f"{self.path / filename} is not a readable safetensors file ({error}); "
-                    "the store is corrupt or truncated: re-create or re-download it"
-                ) from None
-        return handles[filename]
+    @contextlib.contextmanager
+    def _open(self, filename: str) -> Iterator[Any]:
+        """A safetensors handle for one read. Not cached: a handle keeps its file mapped, and
+        every page a merge touched would stay resident for the whole merge (a second model's
+        worth of RSS per store)."""
+        try:
+            handle = safe_open(str(self.path / filename), framework="pt")
+        except Exception as error:  # safetensors raises its own SafetensorError
+            raise StoreError(
+                f"{self.path / filename} is not a readable safetensors file ({error}); "
+                "the store is corrupt or truncated: re-create or re-download it"
+            ) from None
+        with handle:
+            yield handle
 
     # ----- metadata, no tensor reads
     @property
@@ -530,20 +531,24 @@ class FisherStore:
             filename = self._weight_map[name]
         except KeyError:
             raise StoreError(f"{self.ref} has no Fisher tensor {name!r}") from None
-        try:
-            tensor = self._handle(filename).get_tensor(name)
-        except StoreError:
-            raise
-        except Exception as error:
-            raise StoreError(
-                f"cannot read {name!r} from {self.path / filename} ({error}): the store is "
-                "corrupt or truncated; re-create or re-download it"
-            ) from None
+        with self._open(filename) as handle:
+            try:
+                tensor = handle.get_tensor(name)
+            except Exception as error:
+                raise StoreError(
+                    f"cannot read {name!r} from {self.path / filename} ({error}): the store is "
+                    "corrupt or truncated; re-create or re-download it"
+                ) from None
+        if tensor.numel():
+            # One pass over the stored dtype: NaN propagates into both, Inf shows in one.
+            low, high = (float(v) for v in torch.aminmax(tensor))
+            if not (math.isfinite(low) and math.isfinite(high)):
+                raise StoreError(f"{self.ref}: tensor {name!r} has NaN/Inf values; re-estimate")
+            if self.statistic == "fisher" and low < 0:
+                raise StoreError(
+                    f"{self.ref}: Fisher tensor {name!r} has negative values; re-estimate"
+                )
         tensor = tensor.to(device=device or "cpu", dtype=dtype)
-        if not torch.isfinite(tensor).all():
-            raise StoreError(f"{self.ref}: tensor {name!r} has NaN/Inf values; re-estimate")
-        if self.statistic == "fisher" and tensor.numel() and tensor.min() < 0:
-            raise StoreError(f"{self.ref}: Fisher tensor {name!r} has negative values; re-estimate")
         return tensor
 
     def locate(self, name: str, weight: torch.Tensor) -> str | None:
