@@ -17,8 +17,8 @@ demo: $(BIN)/.installed
 	$(BIN)/mergekit-fisher demo
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+	$(BIN)/ruff check mergekit_fisher tests scripts
+	$(BIN)/ruff format --check mergekit_fisher tests scripts
 
 test: lint
 	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
