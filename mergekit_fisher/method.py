@@ -17,6 +17,7 @@ get the right Fisher tensor, and weights the store does not describe are refused
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from typing import Annotated, Literal
 
@@ -230,11 +231,19 @@ FISHER = merge_method(
 
 
 def register_methods() -> None:
-    """Register ``fisher`` and ``regmean`` with mergekit, once (``register`` refuses duplicates)."""
-    from mergekit_fisher.regmean import REGMEAN
+    """Register ``fisher`` and ``regmean`` with mergekit, once (``register`` refuses duplicates).
 
+    ``regmean`` builds on this module, so when it is the one being imported it is not ready
+    yet: it then registers itself as its last step.
+    """
+    methods = [FISHER]
+    regmean = sys.modules.get("mergekit_fisher.regmean")
+    if regmean is None or hasattr(regmean, "REGMEAN"):
+        from mergekit_fisher.regmean import REGMEAN
+
+        methods.append(REGMEAN)
     known = {m.spec.name for m in registered_methods()}
-    for method in (FISHER, REGMEAN):
+    for method in methods:
         if method.spec.name not in known:
             register(method)
 

@@ -7,12 +7,19 @@ For a linear weight W_m [out, in] whose input Gram matrix on model m's data is G
     W*   = (sum_m w_m W_m G~_m) (sum_m w_m G~_m)^-1
 
 the minimiser of sum_m w_m ||X_m W^T - X_m W_m^T||^2 with regularised Grams. Solved in float64
-on the kernel's device. Weights no Gram covers (embeddings, norms) get the weighted average.
+on the kernel's device, as ``W* = W_M + (sum_{m<M} w_m (W_m - W_M) G~_m) T^-1`` with
+``T = sum_m w_m G~_m`` (one matmul fewer per tensor), through a Cholesky factor of T. Weights
+that read the same input (q/k/v, gate/up) share one Gram: T's factor and the scaled Grams are
+computed once per input and cached until every weight the store lists for it was merged. Weights
+no Gram covers (embeddings, norms) get the weighted average.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Annotated
 
 import torch
@@ -30,26 +37,109 @@ from mergekit_fisher.method import (
     compute_dtype,
     note_averaged,
     recipe_weights,
+    register_methods,
     store_for,
     weighted_average,
 )
+from mergekit_fisher.store import FisherStore
 
 LOG = logging.getLogger(__name__)
 
 PARAMETERS = ("weight", "gram", "alpha")
+MAX_CACHED_INPUTS = 8
+"""Factorizations kept at most (bounds memory when a recipe merges only some consumers)."""
+
+CacheKey = tuple[object, ...]
 
 
-def _solve(total_gram: torch.Tensor, rhs: torch.Tensor, name: str) -> torch.Tensor:
-    """X with X @ total_gram = rhs; a ridge of 1e-10 mean(diag) only if the Gram is singular."""
-    solution, info = torch.linalg.solve_ex(total_gram, rhs.T)
-    if int(info) == 0 and torch.isfinite(solution).all():
-        return solution.T
-    ridge = 1e-10 * total_gram.diagonal().mean().clamp_min(1e-30)
+@dataclass
+class _Factored:
+    """One input's summed Gram, factorized, and the scaled Grams ``w_m G~_m`` of all but the last."""
+
+    remaining: int
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    scaled: list[torch.Tensor] | None = None
+    cholesky: torch.Tensor | None = None
+    lu: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+_CACHE_LOCK = threading.Lock()
+_CACHE: OrderedDict[CacheKey, _Factored] = OrderedDict()
+
+
+def cached_inputs() -> int:
+    """How many factorized inputs the cache holds (0 once every consumer was merged)."""
+    with _CACHE_LOCK:
+        return len(_CACHE)
+
+
+def clear_factor_cache() -> None:
+    """Drop every cached factorization."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+def _factorize(entry: _Factored, total: torch.Tensor, name: str) -> None:
+    """Cholesky of ``total``; with a 1e-10 mean(diag) ridge if singular; LU as a last resort."""
+    factor, info = torch.linalg.cholesky_ex(total)
+    if int(info) == 0 and torch.isfinite(factor).all():
+        entry.cholesky = factor
+        return
+    ridge = 1e-10 * total.diagonal().mean().clamp_min(1e-30)
     LOG.warning(
         "%s: summed Gram is singular (dead inputs?); solving with a %.1e ridge", name, ridge
     )
-    eye = torch.eye(total_gram.shape[0], dtype=total_gram.dtype, device=total_gram.device)
-    return torch.linalg.solve(total_gram + ridge * eye, rhs.T).T
+    total.diagonal().add_(ridge)
+    factor, info = torch.linalg.cholesky_ex(total)
+    if int(info) == 0 and torch.isfinite(factor).all():
+        entry.cholesky = factor
+        return
+    lu, pivots, _ = torch.linalg.lu_factor_ex(total)
+    entry.lu = (lu, pivots)
+
+
+def _prepare(
+    entry: _Factored,
+    stores: list[FisherStore],
+    located: list[str],
+    weights: list[float],
+    alpha: float,
+    device: torch.device,
+    name: str,
+) -> None:
+    """Fill ``entry``: scaled Grams of inputs 0..M-2 and the factor of their sum with input M-1."""
+    total: torch.Tensor | None = None
+    scaled = []
+    for k, (s, tensor_name, w) in enumerate(zip(stores, located, weights)):
+        g = s.get(tensor_name, device=device, dtype=torch.float64)
+        diagonal = g.diagonal().clone()
+        g.mul_(alpha * w).diagonal().add_(diagonal, alpha=(1 - alpha) * w)
+        total = g.clone() if total is None else total.add_(g)
+        if k < len(stores) - 1:
+            scaled.append(g)
+        del g
+    assert total is not None
+    _factorize(entry, total, name)
+    entry.scaled = scaled
+
+
+def _acquire(key: CacheKey, consumers: int) -> _Factored:
+    with _CACHE_LOCK:
+        entry = _CACHE.get(key)
+        if entry is None:
+            entry = _CACHE[key] = _Factored(remaining=consumers)
+            while len(_CACHE) > MAX_CACHED_INPUTS:
+                _CACHE.popitem(last=False)
+        else:
+            _CACHE.move_to_end(key)
+        return entry
+
+
+def _release(key: CacheKey, entry: _Factored) -> None:
+    with _CACHE_LOCK:
+        entry.remaining -= 1
+        if entry.remaining <= 0 and _CACHE.get(key) is entry:
+            del _CACHE[key]
 
 
 def regmean_merge(
@@ -68,17 +158,34 @@ def regmean_merge(
     if first.ndim != 2 or any(n is None for n in located):
         note_averaged("not covered by Gram stores", name)
         return weighted_average(entries, weights, compute_dtype(entries)).to(first.dtype)
-    total = torch.zeros((first.shape[1], first.shape[1]), dtype=torch.float64, device=first.device)
-    rhs = torch.zeros(first.shape, dtype=torch.float64, device=first.device)
-    for e, s, tensor_name, w in zip(entries, stores, located, weights):
-        assert tensor_name is not None
-        g = s.get(tensor_name, device=first.device, dtype=torch.float64)
-        g = alpha * g + (1 - alpha) * torch.diag_embed(g.diagonal())
-        g.mul_(w)
-        total.add_(g)
-        rhs.add_(e.tensor.to(torch.float64) @ g)
-        del g
-    return _solve(total, rhs, name).to(first.dtype)
+    names = [n for n in located if n is not None]
+    device = first.device
+    key: CacheKey = (
+        tuple(str(s.path) for s in stores),
+        tuple(names),
+        float(alpha),
+        tuple(weights),
+        str(device),
+    )
+    entry = _acquire(key, max(stores[0].consumer_count(names[0]), 1))
+    try:
+        with entry.lock:
+            if entry.scaled is None:
+                _prepare(entry, stores, names, weights, alpha, device, name)
+        assert entry.scaled is not None
+        last = entries[-1].tensor.to(torch.float64, copy=True)  # never modify an input
+        delta = torch.zeros(first.shape, dtype=torch.float64, device=device)
+        for e, g in zip(entries[:-1], entry.scaled):
+            delta.addmm_(e.tensor.to(torch.float64, copy=True).sub_(last), g)
+        if entry.cholesky is not None:
+            correction = torch.cholesky_solve(delta.T, entry.cholesky).T
+        else:
+            assert entry.lu is not None
+            correction = torch.linalg.lu_solve(*entry.lu, delta.T).T
+        del delta
+        return last.add_(correction).to(first.dtype)
+    finally:
+        _release(key, entry)
 
 
 REGMEAN = merge_method(
@@ -88,3 +195,5 @@ REGMEAN = merge_method(
     reference_url="https://arxiv.org/abs/2212.09849",
     contract=InputContract(base=BasePolicy.OPTIONAL, min_inputs=1),
 )
+
+register_methods()

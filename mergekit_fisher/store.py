@@ -519,6 +519,10 @@ class FisherStore:
     def stats(self, name: str) -> TensorStats:
         return self._stats[name]
 
+    def consumer_count(self, tensor: str) -> int:
+        """How many weights read store tensor ``tensor`` (a shared Gram serves several)."""
+        return sum(1 for t in self._tensor_of.values() if t == tensor)
+
     # ----- tensors
     def get(
         self,

@@ -1,15 +1,21 @@
 #!/usr/bin/env python
-"""Merge benchmark: mergekit's ``linear`` vs our ``fisher`` on the same synthetic models.
+"""Merge benchmark: mergekit's ``linear`` vs our ``fisher`` (and ``regmean``) on the same models.
 
 Writes synthetic Llama-shaped models (random weights, sharded safetensors + ``config.json``)
-and full-size Fisher stores bound to them, then runs both methods through mergekit's real
+and full-size Fisher stores bound to them, then runs the methods through mergekit's real
 pipeline (``run_merge``), each merge in a fresh child process, interleaved and repeated. For
 each method it prints the merge wall time, CPU time, bytes read and peak RSS, then the
-fisher/linear ratios with PASS/FAIL against the goals (wall <= 2.2x, peak RSS <= 1.5x).
+method/linear ratios with PASS/FAIL against the goals (fisher: wall <= 2.2x, peak RSS <= 1.5x,
+bytes read <= 2x; regmean: wall <= 3x).
 
     python scripts/bench_merge.py                       # ~0.5B parameters, bf16, 2 models
     python scripts/bench_merge.py --params 0.1B --repeats 5 --json results.json
     python scripts/bench_merge.py --workdir /tmp/bench --keep     # then --reuse next time
+    python scripts/bench_merge.py --methods linear,regmean        # + synthetic Gram stores
+
+``--methods`` with ``regmean`` also writes one float32 Gram store per model (``gram_M``, added
+to a reused workdir on first use): a random SPD matrix per distinct layer input, shared the way
+the estimator shares them (q/k/v, gate/up).
 
 Peak RSS is the child's ``VmHWM`` (anonymous + file-backed: safetensors memory-maps its
 inputs, so pages it has read count until the file is closed). A sampler thread also records
@@ -44,7 +50,15 @@ from typing import Any
 GOAL_WALL = 2.2
 GOAL_RSS = 1.5
 GOAL_BYTES = 2.0
+GOALS: dict[str, dict[str, float]] = {
+    "fisher": {"wall": GOAL_WALL, "peak_rss": GOAL_RSS, "bytes_read": GOAL_BYTES},
+    "regmean": {"wall": 3.0},
+}
+"""Per method, the goals of its ratios to ``linear`` (a missing key has none)."""
 METHODS = ("linear", "fisher")
+"""The default ``--methods``."""
+STORE_OF = {"fisher": ("fisher", "fisher"), "regmean": ("gram", "gram")}
+"""Per method, its recipe parameter and the prefix of its store directories."""
 RESULT_MARK = "@@BENCH_RESULT@@"
 MANIFEST = "bench_manifest.json"
 
@@ -186,6 +200,67 @@ def generate(workdir: Path, args: argparse.Namespace) -> None:
         print(f"  wrote model_{m} + fisher_{m} in {time.perf_counter() - t0:.1f} s", flush=True)
 
 
+def gram_inputs(args: argparse.Namespace) -> dict[str, str]:
+    """Each linear weight's Gram key: one per distinct input (q/k/v and gate/up share one)."""
+    consumers = {}
+    for name, shape in tensor_shapes(args).items():
+        if len(shape) != 2 or "embed_tokens" in name:
+            continue
+        key = name.removesuffix(".weight")
+        for group, members in (
+            ("qkv", ("q_proj", "k_proj", "v_proj")),
+            ("gate_up", ("gate_proj", "up_proj")),
+        ):
+            for member in members:
+                key = key.replace(member, group)
+        consumers[name] = key + ".input"
+    return consumers
+
+
+def generate_grams(workdir: Path, args: argparse.Namespace) -> None:
+    """A float32 Gram store per model: a random SPD ``A A^T / n + 0.01 I`` per input."""
+    import torch
+    from safetensors import safe_open
+
+    from mergekit_fisher.store import write_store
+
+    consumers = gram_inputs(args)
+    shapes = tensor_shapes(args)
+    for m in range(args.models):
+        t0 = time.perf_counter()
+        gen = torch.Generator().manual_seed(args.seed * 1000 + 500 + m)
+        grams: dict[str, torch.Tensor] = {}
+        for name, key in consumers.items():
+            if key not in grams:
+                dim = shapes[name][1]
+                a = torch.randn(dim, 256, generator=gen)
+                grams[key] = (a @ a.T).div_(256).add_(torch.eye(dim), alpha=0.01)
+        model_dir = workdir / f"model_{m}"
+        weights = {}
+        for path in input_files(model_dir):
+            with safe_open(str(path), framework="pt") as handle:
+                names = set(handle.keys()) & set(consumers)
+                weights.update({n: handle.get_tensor(n) for n in names})
+        store_dir = workdir / f"gram_{m}"
+        write_store(
+            store_dir,
+            grams,
+            weights=weights,
+            model=str(model_dir),
+            statistic="gram",
+            consumers=consumers,
+            store_dtype=torch.float32,
+            shard_size=args.store_shard_size,
+            overwrite=True,
+            estimator={"mode": "synthetic", "note": "random SPD Grams from scripts/bench_merge.py"},
+        )
+        del grams, weights
+        for path in input_files(store_dir):
+            with open(path, "rb+") as fh:
+                os.fsync(fh.fileno())
+        print(f"  wrote gram_{m} in {time.perf_counter() - t0:.1f} s", flush=True)
+
+
 def input_files(directory: Path) -> list[Path]:
     """The safetensors files of a model or store directory (what a merge reads)."""
     return sorted(directory.glob("*.safetensors"))
@@ -194,21 +269,31 @@ def input_files(directory: Path) -> list[Path]:
 def prepare_workdir(workdir: Path, args: argparse.Namespace) -> None:
     """Generate the inputs unless ``--reuse`` finds a complete, matching set."""
     manifest = workdir / MANIFEST
+    record: dict[str, Any] | None = None
     if args.reuse and manifest.exists():
         try:
-            if json.loads(manifest.read_text()).get("spec") == spec_of(args):
-                print(f"reusing synthetic models and stores in {workdir}", flush=True)
-                return
+            record = json.loads(manifest.read_text())
         except json.JSONDecodeError:
-            pass
-        print("workdir holds other inputs: regenerating", flush=True)
-    manifest.unlink(missing_ok=True)
-    for m in range(args.models):
-        for sub in (f"model_{m}", f"fisher_{m}"):
-            shutil.rmtree(workdir / sub, ignore_errors=True)
-    print(f"writing {args.models} synthetic models + Fisher stores to {workdir}", flush=True)
-    generate(workdir, args)
-    manifest.write_text(json.dumps({"spec": spec_of(args)}, indent=2))
+            record = None
+        if record is not None and record.get("spec") == spec_of(args):
+            print(f"reusing synthetic models and stores in {workdir}", flush=True)
+        else:
+            print("workdir holds other inputs: regenerating", flush=True)
+            record = None
+    if record is None:
+        manifest.unlink(missing_ok=True)
+        for m in range(args.models):
+            for sub in (f"model_{m}", f"fisher_{m}", f"gram_{m}"):
+                shutil.rmtree(workdir / sub, ignore_errors=True)
+        print(f"writing {args.models} synthetic models + Fisher stores to {workdir}", flush=True)
+        generate(workdir, args)
+        record = {"spec": spec_of(args)}
+        manifest.write_text(json.dumps(record, indent=2))
+    if "regmean" in args.methods and not record.get("grams"):
+        print(f"writing {args.models} synthetic Gram stores to {workdir}", flush=True)
+        generate_grams(workdir, args)
+        record["grams"] = True
+        manifest.write_text(json.dumps(record, indent=2))
 
 
 # --------------------------------------------------------------------------- child process
@@ -261,10 +346,10 @@ class PeakSampler:
 def recipe(job: dict[str, Any]) -> dict[str, Any]:
     """The mergekit recipe of one job (same models, weights and dtype for both methods)."""
     models = []
-    for model, store in zip(job["models"], job["stores"]):
+    for k, model in enumerate(job["models"]):
         parameters: dict[str, Any] = {"weight": 1.0}
-        if job["method"] == "fisher":
-            parameters["fisher"] = store
+        if job["method"] in STORE_OF:
+            parameters[STORE_OF[job["method"]][0]] = job["stores"][k]
         models.append({"model": model, "parameters": parameters})
     config: dict[str, Any] = {
         "merge_method": job["method"],
@@ -393,13 +478,15 @@ def run_child(job: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def schedule(repeats: int, warmup: int) -> Iterator[tuple[int, str]]:
+def schedule(
+    repeats: int, warmup: int, methods: tuple[str, ...] = METHODS
+) -> Iterator[tuple[int, str]]:
     """Warm-up runs (repeat < 0), then interleaved ABBA order (linear, fisher, fisher, ...)."""
     for r in range(-warmup, 0):
-        for method in METHODS:
+        for method in methods:
             yield r, method
     for r in range(repeats):
-        order = METHODS if r % 2 == 0 else METHODS[::-1]
+        order = methods if r % 2 == 0 else methods[::-1]
         for method in order:
             yield r, method
 
@@ -435,10 +522,12 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.2f}"
 
 
-def summarize(runs: list[dict[str, Any]], logical: dict[str, int]) -> dict[str, Any]:
-    """Medians/mins per method, fisher/linear ratios and the verdicts."""
+def summarize(
+    runs: list[dict[str, Any]], logical: dict[str, int], methods: tuple[str, ...] = METHODS
+) -> dict[str, Any]:
+    """Medians/mins per method, each method's ratios to ``linear`` and the verdicts."""
     per: dict[str, dict[str, Any]] = {}
-    for method in METHODS:
+    for method in methods:
         rs = [r for r in runs if r["method"] == method]
 
         def med(key: str, rs: list[dict[str, Any]] = rs) -> float:
@@ -457,28 +546,32 @@ def summarize(runs: list[dict[str, Any]], logical: dict[str, int]) -> dict[str, 
             "rchar_median": med("rchar"),
             "read_bytes_median": med("read_bytes"),
         }
-    lin, fis = per["linear"], per["fisher"]
-    paired = [
-        f["merge_s"] / lo["merge_s"]
-        for lo, f in zip(
-            [r for r in runs if r["method"] == "linear"],
-            [r for r in runs if r["method"] == "fisher"],
-        )
-    ]
-    ratios = {
-        "wall_median": fis["merge_s_median"] / lin["merge_s_median"],
-        "wall_min": fis["merge_s_min"] / lin["merge_s_min"],
-        "wall_paired": paired,
-        "cpu_median": fis["cpu_s_median"] / lin["cpu_s_median"],
-        "peak_rss": fis["vmhwm_median"] / lin["vmhwm_median"],
-        "peak_anon": fis["peak_anon_median"] / max(lin["peak_anon_median"], 1),
-        "bytes_read": fis["logical_read"] / lin["logical_read"],
-    }
-    verdict = {
-        "wall": ratios["wall_median"] <= GOAL_WALL,
-        "peak_rss": ratios["peak_rss"] <= GOAL_RSS,
-        "bytes_read": ratios["bytes_read"] <= GOAL_BYTES,
-    }
+    lin = per["linear"]
+    ratios: dict[str, dict[str, Any]] = {}
+    verdict: dict[str, dict[str, bool]] = {}
+    for method in methods[1:]:
+        fis = per[method]
+        paired = [
+            f["merge_s"] / lo["merge_s"]
+            for lo, f in zip(
+                [r for r in runs if r["method"] == "linear"],
+                [r for r in runs if r["method"] == method],
+            )
+        ]
+        ratios[method] = {
+            "wall_median": fis["merge_s_median"] / lin["merge_s_median"],
+            "wall_min": fis["merge_s_min"] / lin["merge_s_min"],
+            "wall_paired": paired,
+            "cpu_median": fis["cpu_s_median"] / lin["cpu_s_median"],
+            "peak_rss": fis["vmhwm_median"] / lin["vmhwm_median"],
+            "peak_anon": fis["peak_anon_median"] / max(lin["peak_anon_median"], 1),
+            "bytes_read": fis["logical_read"] / lin["logical_read"],
+        }
+        key_of = {"wall": "wall_median", "peak_rss": "peak_rss", "bytes_read": "bytes_read"}
+        verdict[method] = {
+            goal: ratios[method][key_of[goal]] <= limit
+            for goal, limit in GOALS.get(method, {}).items()
+        }
     return {"methods": per, "ratios": ratios, "pass": verdict}
 
 
@@ -496,28 +589,33 @@ def report(summary: dict[str, Any]) -> str:
         ("/proc rchar (GiB)", lambda m: _gib(m["rchar_median"])),
         ("/proc read_bytes (GiB)", lambda m: _gib(m["read_bytes_median"])),
     ]
-    per, ratios, ok = summary["methods"], summary["ratios"], summary["pass"]
-    lines = ["| | linear | fisher |", "|---|---:|---:|"]
-    lines += [f"| {label} | {fmt(per['linear'])} | {fmt(per['fisher'])} |" for label, fmt in rows]
-
-    def verdict(passed: bool) -> str:
-        return "PASS" if passed else "FAIL"
-
-    paired = ", ".join(f"{x:.2f}" for x in ratios["wall_paired"])
+    per = summary["methods"]
+    methods = list(per)
+    lines = ["| | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
     lines += [
-        "",
-        "| fisher / linear | ratio | goal | |",
-        "|---|---:|---:|---|",
-        f"| merge wall (median) | {ratios['wall_median']:.2f}x | <= {GOAL_WALL}x | "
-        f"{verdict(ok['wall'])} |",
-        f"| merge wall (min; per repeat: {paired}) | {ratios['wall_min']:.2f}x | | |",
-        f"| merge CPU time (median) | {ratios['cpu_median']:.2f}x | | |",
-        f"| peak RSS (VmHWM, median) | {ratios['peak_rss']:.2f}x | <= {GOAL_RSS}x | "
-        f"{verdict(ok['peak_rss'])} |",
-        f"| peak RssAnon (median) | {ratios['peak_anon']:.2f}x | | |",
-        f"| logical bytes read | {ratios['bytes_read']:.2f}x | <= {GOAL_BYTES}x | "
-        f"{verdict(ok['bytes_read'])} |",
+        f"| {label} | " + " | ".join(fmt(per[m]) for m in methods) + " |" for label, fmt in rows
     ]
+
+    def goal(method: str, key: str, text: str) -> str:
+        limit = GOALS.get(method, {}).get(key)
+        if limit is None:
+            return f"| {text} | | |"
+        passed = summary["pass"][method][key]
+        return f"| {text} | <= {limit}x | {'PASS' if passed else 'FAIL'} |"
+
+    for method, ratios in summary["ratios"].items():
+        paired = ", ".join(f"{x:.2f}" for x in ratios["wall_paired"])
+        lines += [
+            "",
+            f"| {method} / linear | ratio | goal | |",
+            "|---|---:|---:|---|",
+            goal(method, "wall", f"merge wall (median) | {ratios['wall_median']:.2f}x"),
+            f"| merge wall (min; per repeat: {paired}) | {ratios['wall_min']:.2f}x | | |",
+            f"| merge CPU time (median) | {ratios['cpu_median']:.2f}x | | |",
+            goal(method, "peak_rss", f"peak RSS (VmHWM, median) | {ratios['peak_rss']:.2f}x"),
+            f"| peak RssAnon (median) | {ratios['peak_anon']:.2f}x | | |",
+            goal(method, "bytes_read", f"logical bytes read | {ratios['bytes_read']:.2f}x"),
+        ]
     return "\n".join(lines)
 
 
@@ -539,6 +637,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, help="vocabulary size (overrides the preset)")
     p.add_argument("--heads", type=int, help="attention heads (overrides the preset)")
     p.add_argument("--kv-heads", type=int, help="key/value heads (default: --heads)")
+    p.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help="comma-separated, linear first (default linear,fisher; also: regmean)",
+    )
     p.add_argument("--models", type=int, default=2, help="models merged (default 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and Fishers")
     p.add_argument("--workdir", type=Path, help="where inputs go (default: a temp dir in /tmp)")
@@ -590,6 +693,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.vocab = args.vocab or vocab
     args.heads = args.heads or heads
     args.kv_heads = args.kv_heads or args.heads
+    args.methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    if (
+        len(args.methods) < 2
+        or args.methods[0] != "linear"
+        or len(set(args.methods)) != len(args.methods)
+        or any(m not in STORE_OF for m in args.methods[1:])
+    ):
+        p.error(f"--methods: linear first, then one or more of {sorted(STORE_OF)}")
     if args.hidden % args.heads or args.heads % args.kv_heads:
         p.error("--hidden must be a multiple of --heads, and --heads of --kv-heads")
     return args
@@ -620,25 +731,28 @@ def main(argv: list[str] | None = None) -> None:
         prepare_workdir(workdir, args)
         print(f"inputs ready in {time.perf_counter() - t0:.1f} s", flush=True)
         models = [str(workdir / f"model_{m}") for m in range(args.models)]
-        stores = [str(workdir / f"fisher_{m}") for m in range(args.models)]
-        files = {
-            "linear": [f for m in models for f in input_files(Path(m))],
-            "fisher": [f for d in models + stores for f in input_files(Path(d))],
+        stores = {
+            method: [str(workdir / f"{STORE_OF[method][1]}_{m}") for m in range(args.models)]
+            for method in args.methods[1:]
         }
+        files = {"linear": [f for m in models for f in input_files(Path(m))]}
+        for method, dirs in stores.items():
+            files[method] = files["linear"] + [f for d in dirs for f in input_files(Path(d))]
         logical = {k: sum(f.stat().st_size for f in v) for k, v in files.items()}
+        every_file = sorted({f for v in files.values() for f in v})
         if not args.cold:
-            prefetch(files["fisher"])
+            prefetch(every_file)
         runs: list[dict[str, Any]] = []
         profile_left = args.profile is not None
-        for r, method in schedule(args.repeats, args.warmup):
+        for r, method in schedule(args.repeats, args.warmup, args.methods):
             out = workdir / f"out_{method}"
             shutil.rmtree(out, ignore_errors=True)
             if args.cold:
-                evict(files["fisher"])
+                evict(every_file)
             job = {
                 "method": method,
                 "models": models,
-                "stores": stores,
+                "stores": stores.get(method, []),
                 "out": str(out),
                 "dtype": args.dtype,
                 "out_dtype": args.out_dtype,
@@ -663,7 +777,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"(anon {_gib(result['peak_anon'])}, file {_gib(result['peak_file'])})",
                 flush=True,
             )
-        summary = summarize(runs, logical)
+        summary = summarize(runs, logical, args.methods)
         print()
         print(report(summary))
         if args.json is not None:

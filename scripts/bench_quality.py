@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fisher-mode", default=d.fisher_mode, choices=("sampled", "empirical"))
     p.add_argument("--fisher-batch-size", type=int, default=d.fisher_batch_size)
     p.add_argument("--granularities", default=",".join(d.granularities), help="full,nodes")
+    p.add_argument(
+        "--node-mapping", default=d.node_mapping, choices=("heads", "paper"), help="nodes rows"
+    )
     p.add_argument("--ties-density", type=float, default=d.ties_density)
     p.add_argument(
         "--search-weights",
@@ -97,6 +100,7 @@ def settings_from(args: argparse.Namespace) -> DemoSettings:
         fisher_mode=args.fisher_mode,
         fisher_batch_size=args.fisher_batch_size,
         granularities=tuple(g for g in args.granularities.split(",") if g),
+        node_mapping=args.node_mapping,
         ties_density=args.ties_density,
         search_weights=tuple(float(w) for w in args.search_weights.split(",") if w),
         search_samples=args.search_samples,

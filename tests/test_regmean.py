@@ -131,3 +131,48 @@ def test_fisher_and_regmean_refuse_each_others_stores(tmp_path: Path, tiny_llama
         run_recipe(fisher_recipe(models, grams, [1.0, 1.0]), tmp_path / "o1")
     with pytest.raises(StoreError, match="needs a gram store"):
         run_recipe(regmean_recipe(models, fishers, [1.0, 1.0]), tmp_path / "o2")
+
+
+def test_regmean_factorizes_each_shared_input_once(
+    tmp_path: Path, tiny_llama_pair, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """q/k/v (and gate/up) reuse one cached factorization; the cache is empty afterwards."""
+    import mergekit_fisher.method  # noqa: F401  (imports regmean without a cycle)
+    from mergekit_fisher import regmean
+
+    models = list(tiny_llama_pair)
+    stores = [make_gram_store(m, tmp_path / f"g{i}", seed=i) for i, m in enumerate(models)]
+    prepared: list[str] = []
+    real_prepare = regmean._prepare
+
+    def counting_prepare(entry, stores, located, *args):  # type: ignore[no-untyped-def]
+        prepared.append(located[0])
+        return real_prepare(entry, stores, located, *args)
+
+    monkeypatch.setattr(regmean, "_prepare", counting_prepare)
+    regmean.clear_factor_cache()
+    merged = run_recipe(regmean_recipe(models, stores, [1.0, 3.0], alpha=0.7), tmp_path / "out")
+    assert regmean.cached_inputs() == 0
+    assert len(prepared) == len(set(prepared))  # one factorization per distinct input
+    assert "model.layers.0.self_attn.qkv.input" in prepared
+    ref = regmean_reference(models, stores, [1.0, 3.0], 0.7)
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        name = f"model.layers.0.self_attn.{proj}.weight"
+        torch.testing.assert_close(merged[name].double(), ref[name], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("first", ["regmean", "method"])
+def test_either_module_imported_first_registers_both(first: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        f"import mergekit_fisher.{first}, mergekit.merge_methods as m; "
+        "print(sorted({x.spec.name for x in m.registered_methods()} & {'fisher', 'regmean'}))"
+    )
+    env = {**os.environ, "MERGEKIT_FISHER_AUTOLOAD": "0"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    assert out.stdout.strip() == "['fisher', 'regmean']"

@@ -119,6 +119,7 @@ class DemoSettings:
     fisher_mode: str = "sampled"
     fisher_batch_size: int = 32
     granularities: tuple[str, ...] = ("full", "nodes")
+    node_mapping: str = "heads"
     ties_density: float = 0.5
     search_weights: tuple[float, ...] = (0.5, 1.0, 2.0)
     search_samples: int = 128
@@ -172,7 +173,9 @@ def _estimate(
     ``mergekit-fisher estimate`` runs)."""
     from mergekit_fisher import estimate_fisher
 
-    kind = {"statistic": "gram"} if store == "gram" else {"granularity": store}
+    kind: dict[str, str] = {"statistic": "gram"} if store == "gram" else {"granularity": store}
+    if store == "nodes":
+        kind["node_mapping"] = settings.node_mapping
     estimate_fisher(
         model=str(model),
         data=[str(data)],
