@@ -207,6 +207,29 @@ def _shard_plan(tensors: Mapping[str, torch.Tensor], shard_size: int) -> list[li
     return shards
 
 
+def write_safetensors(
+    tensors: Mapping[str, torch.Tensor], directory: Path, stem: str, shard_size: int
+) -> None:
+    """``STEM.safetensors``, or ``STEM-0000K-of-0000N.safetensors`` shards plus
+    ``STEM.safetensors.index.json``: the Hugging Face layout (``stem="model"`` for models)."""
+    shards = _shard_plan(tensors, shard_size)
+    if len(shards) == 1:
+        save_file(dict(tensors), str(directory / f"{stem}.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for k, names in enumerate(shards, start=1):
+        filename = f"{stem}-{k:05d}-of-{len(shards):05d}.safetensors"
+        save_file(
+            {n: tensors[n] for n in names}, str(directory / filename), metadata={"format": "pt"}
+        )
+        weight_map.update(dict.fromkeys(names, filename))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    _write_json(
+        directory / f"{stem}.safetensors.index.json",
+        {"metadata": {"total_size": total}, "weight_map": weight_map},
+    )
+
+
 def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
@@ -312,21 +335,7 @@ def write_store(
         ),
     }
     with atomic_directory(Path(out), overwrite=overwrite) as tmp:
-        shards = _shard_plan(stored, shard_size)
-        if len(shards) == 1:
-            save_file(stored, str(tmp / SINGLE_FILE), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for k, names in enumerate(shards, start=1):
-                filename = f"fisher-{k:05d}-of-{len(shards):05d}.safetensors"
-                save_file(
-                    {n: stored[n] for n in names}, str(tmp / filename), metadata={"format": "pt"}
-                )
-                weight_map.update(dict.fromkeys(names, filename))
-            total = sum(t.numel() * t.element_size() for t in stored.values())
-            _write_json(
-                tmp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map}
-            )
+        write_safetensors(stored, tmp, "fisher", shard_size)
         _write_json(tmp / CONFIG_NAME, config)
         (tmp / CARD_NAME).write_text(render_card(config), encoding="utf-8")
     LOG.info("wrote %s store %s (%d tensors)", statistic, out, len(stored))

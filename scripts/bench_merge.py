@@ -111,23 +111,11 @@ def spec_of(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _shards(shapes: dict[str, tuple[int, ...]], limit: int) -> list[list[str]]:
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, shape in shapes.items():
-        nbytes = math.prod(shape) * 2
-        if shards[-1] and size + nbytes > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    return shards
-
-
 def write_model(out: Path, args: argparse.Namespace, weights: dict[str, Any]) -> None:
     """``config.json`` plus ``model.safetensors`` (or shards + index), bf16."""
-    from safetensors.torch import save_file
     from transformers import LlamaConfig
+
+    from mergekit_fisher.store import write_safetensors
 
     out.mkdir(parents=True, exist_ok=True)
     LlamaConfig(
@@ -141,21 +129,7 @@ def write_model(out: Path, args: argparse.Namespace, weights: dict[str, Any]) ->
         tie_word_embeddings=False,
         dtype="bfloat16",
     ).to_json_file(str(out / "config.json"))
-    shapes = {n: tuple(t.shape) for n, t in weights.items()}
-    shards = _shards(shapes, args.model_shard_size)
-    if len(shards) == 1:
-        save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for k, names in enumerate(shards, start=1):
-            filename = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-            save_file(
-                {n: weights[n] for n in names}, str(out / filename), metadata={"format": "pt"}
-            )
-            weight_map.update(dict.fromkeys(names, filename))
-        total = sum(t.numel() * t.element_size() for t in weights.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    write_safetensors(weights, out, "model", args.model_shard_size)
 
 
 def generate(workdir: Path, args: argparse.Namespace) -> None:
