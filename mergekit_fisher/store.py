@@ -234,12 +234,17 @@ def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
+def check_out_dir(out: Path, *, overwrite: bool) -> None:
+    """Refuse to replace a non-empty ``out`` unless asked: checked before long work starts."""
+    if out.exists() and not overwrite and (out.is_file() or any(out.iterdir())):
+        raise StoreError(f"{out} already exists and is not empty: pass --overwrite to replace it")
+
+
 @contextlib.contextmanager
 def atomic_directory(out: Path, *, overwrite: bool):
     """Yield a temporary sibling of ``out`` that replaces ``out`` only if the block succeeds."""
     out = Path(out)
-    if out.exists() and not overwrite and (out.is_file() or any(out.iterdir())):
-        raise StoreError(f"{out} already exists and is not empty: pass --overwrite to replace it")
+    check_out_dir(out, overwrite=overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from mergekit_fisher.data import Example, pad_batch
 from mergekit_fisher.estimate.config import EstimateError
 from mergekit_fisher.estimate.taps import BatchState
 
@@ -78,24 +79,15 @@ class Batch:
         return int(self.target_mask.sum())
 
 
-def collate(examples: Sequence[Any], indices: Sequence[int], device: torch.device) -> Batch:
-    """Pad ``examples`` (``data.Example``) on the right; padding is never a target."""
-    lengths = [len(ex.input_ids) for ex in examples]
-    width = max(lengths)
-    ids = torch.zeros(len(examples), width, dtype=torch.long)
-    attn = torch.zeros(len(examples), width, dtype=torch.long)
-    mask = torch.zeros(len(examples), width, dtype=torch.bool)
-    for i, ex in enumerate(examples):
-        n = lengths[i]
-        ids[i, :n] = torch.tensor(ex.input_ids, dtype=torch.long)
-        attn[i, :n] = 1
-        mask[i, :n] = torch.tensor(ex.target_mask, dtype=torch.bool)
+def collate(examples: Sequence[Example], indices: Sequence[int], device: torch.device) -> Batch:
+    """``data.pad_batch`` on ``device``, with the example indices and lengths the engine needs."""
+    padded = pad_batch(examples, pad_id=0)  # padding is masked: its id never matters
     return Batch(
         indices=list(indices),
-        input_ids=ids.to(device),
-        attention_mask=attn.to(device),
-        target_mask=mask.to(device),
-        lengths=lengths,
+        input_ids=padded.input_ids.to(device),
+        attention_mask=padded.attention_mask.to(device),
+        target_mask=padded.target_mask.to(device),
+        lengths=[len(ex.input_ids) for ex in examples],
     )
 
 

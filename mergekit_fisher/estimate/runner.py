@@ -230,13 +230,6 @@ def _load_tokenizer(ref: str, config: EstimateConfig) -> Any:
         ) from None
 
 
-def _check_out(out: Path, config: EstimateConfig) -> None:
-    if out.exists() and not config.overwrite and (out.is_file() or any(out.iterdir())):
-        raise EstimateError(
-            f"{out} already exists and is not empty: pass --overwrite to replace it"
-        )
-
-
 # --------------------------------------------------------------------------- the run
 
 
@@ -260,7 +253,7 @@ def estimate_fisher(
     """
     from mergekit_fisher import __version__
     from mergekit_fisher.data import CalibrationData, load_calibration_data
-    from mergekit_fisher.store import DEFAULT_SHARD_SIZE, write_store
+    from mergekit_fisher.store import DEFAULT_SHARD_SIZE, check_out_dir, write_store
 
     config = (
         (config or EstimateConfig()).with_(**overrides)
@@ -268,7 +261,7 @@ def estimate_fisher(
         else (config or EstimateConfig())
     )
     out = Path(out)
-    _check_out(out, config)
+    check_out_dir(out, overwrite=config.overwrite)
     ckpt_dir = checkpoint.checkpoint_dir(out)
     if checkpoint.exists(ckpt_dir) and not config.resume and not config.overwrite:
         raise EstimateError(
