@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--search-weights",
         default=",".join(f"{w:g}" for w in d.search_weights),
-        help="grid of the searched row (rev expert weight and base strength)",
+        help="grid of the searched rows (rev expert weight, and base strength when anchored)",
     )
     p.add_argument(
         "--search-samples", type=int, default=d.search_samples, help="valid problems scored"

@@ -144,6 +144,9 @@ def test_recipes_are_valid_mergekit_configs(tmp_path: Path) -> None:
         "parameters": {"weight": 1.0, "fisher": str(stores["base"][0])},
     }
     assert anchored == recipe("fisher+base (searched)", base, [a, b], stores)
+    plain = recipe("fisher (full)", base, [a, b], stores)
+    assert plain == recipe("fisher (searched)", base, [a, b], stores)
+    assert "base_model" not in plain and len(plain["models"]) == 2
     regmean = recipe("regmean", base, [a, b], stores)["models"]
     assert [m["parameters"]["gram"] for m in regmean] == [str(p) for p in stores["gram"]]
 
@@ -274,12 +277,20 @@ def test_reduced_demo_end_to_end(tmp_path: Path) -> None:
         assert "merge_method: fisher" in recipes["fisher (full)"]
         assert "merge_method: regmean" in recipes["regmean"] and "gram: " in recipes["regmean"]
         assert "base_model: " in recipes["fisher+base"]
-        # The searched row merges the best candidate of a 3 x 3 grid scored on `valid`.
-        search = seed["search"]
-        assert search["held_out"] == "valid" and len(search["candidates"]) == 9
-        assert search["best"]["loss"] == min(c["loss"] for c in search["candidates"])
-        best = search["best"]["weights"]
-        assert f"weight: {best[2]}" in recipes["fisher+base (searched)"].split("\n- model")[3]
+        # A searched row merges the best candidate of its grid scored on `valid`: the rev
+        # expert's weight (3), times the base's strength when anchored (3 x 3).
+        searched = {"fisher (searched)": 3, "fisher+base (searched)": 9}
+        assert set(seed["search"]) == set(searched)
+        for row, candidates in searched.items():
+            search = seed["search"][row]
+            assert search["held_out"] == "valid" and len(search["candidates"]) == candidates
+            assert search["best"]["loss"] == min(c["loss"] for c in search["candidates"])
+            best = search["best"]["weights"]
+            models = recipes[row].split("\n- model")
+            assert len(models) == len(best) + 1
+            for model, weight in zip(models[1:], best, strict=True):
+                assert f"weight: {weight}" in model
+            assert f"search for {row} (" in table
         assert part["verdict"]["best"] in rows
         assert all(row in table for row in rows)
     assert saved["seeds"][0]["shared_timings_s"]["estimate_base"] >= 0

@@ -79,6 +79,7 @@ SPECS: dict[str, MergeSpec] = {
     "task_arithmetic": MergeSpec("task_arithmetic"),
     "ties": MergeSpec("ties"),
     "fisher (full)": MergeSpec("fisher", "full"),
+    "fisher (searched)": MergeSpec("fisher", "full", searched=True),
     "fisher (nodes)": MergeSpec("fisher", "nodes"),
     "fisher+base": MergeSpec("fisher", "full", anchored=True),
     "fisher+base (searched)": MergeSpec("fisher", "full", anchored=True, searched=True),
@@ -98,9 +99,9 @@ class DemoSettings:
 
     ``close`` and ``forget`` are the expert fine-tuning of the two regimes; ``regimes`` says
     which to run (the base is trained once per seed and shared). ``search_weights`` is the grid
-    of the searched row: the ``rev`` expert's weight and the base's anchor strength, each over
-    these values (the ``add`` expert's weight stays 1), scored by completion loss on
-    ``search_samples`` ``valid`` problems (half per task).
+    of the searched rows: the ``rev`` expert's weight (and, when anchored, the base's anchor
+    strength), each over these values (the ``add`` expert's weight stays 1), scored by
+    completion loss on ``search_samples`` ``valid`` problems (half per task).
 
     ``threads`` is torch's intra-op thread count for the run (0: leave torch's default). One
     thread is the default because a 64-wide model gains little from a second one, and on a
@@ -203,8 +204,8 @@ def recipe(
     """The mergekit recipe of one merge row, as a dict (absolute paths: see the mergekit notes).
 
     ``stores`` maps a store kind (``full``, ``nodes``, ``gram``) to one store per expert, and
-    ``base`` to the base's own Fisher store (anchored rows). Every recipe weight is 1.0: the
-    searched row starts from the anchored recipe and lets ``search`` change them.
+    ``base`` to the base's own Fisher store (anchored rows). Every recipe weight is 1.0: a
+    searched row starts from the recipe of its unsearched twin and lets ``search`` change them.
     """
     spec = SPECS[row]
     stores = stores or {}
@@ -492,12 +493,12 @@ def _run_regime(
         stores[kind] = found
 
     merges: dict[str, dict[str, Any]] = {}
-    search_record: dict[str, Any] | None = None
+    searches: dict[str, dict[str, Any]] = {}
     for row in model_rows(granularities)[1 + len(TASKS) :]:
         config = recipe(row, base_dir, experts, stores, settings.ties_density)
         if SPECS[row].searched:
             logger.info("seed %d, %s: searching %s on the valid split", seed, regime, row)
-            config, search_record = _search(config, held_out, root / "search", settings)
+            config, searches[row] = _search(config, held_out, root / "search" / _slug(row), settings)
             clock.lap("search")
         slug = _slug(row)
         recipe_path = root / "recipes" / f"{slug}.yml"
@@ -522,7 +523,7 @@ def _run_regime(
             row: {t: asdict(s) for t, s in by_task.items()} for row, by_task in scores.items()
         },
         "merges": merges,
-        "search": search_record,
+        "search": searches,
         "final_train_loss": {k: round(v[-1], 5) for k, v in curves.items()},
         "timings_s": clock.timings,
     }
@@ -652,22 +653,22 @@ def _table(summary: Mapping[str, Any], names: Sequence[str]) -> list[str]:
     return lines
 
 
-def _search_line(part: Mapping[str, Any]) -> str | None:
-    """Which coefficients the search chose in each seed (and whether at the grid's edge)."""
-    records = [s["search"] for s in part["seeds"] if s.get("search")]
-    if not records:
-        return None
-    chosen = ", ".join(
-        f"seed {s['seed']}: {s['search']['best']['weights']}"
-        for s in part["seeds"]
-        if s.get("search")
-    )
-    edges = sum(r["at_grid_edge"] for r in records)
-    models = " / ".join(records[0]["models"])
-    return (
-        f"search (weights {models}; valid loss, grid {records[0]['grid']}): {chosen}; "
-        f"at the grid's edge in {edges}/{len(records)} seeds"
-    )
+def _search_lines(part: Mapping[str, Any]) -> list[str]:
+    """Which coefficients each search chose in each seed (and whether at the grid's edge)."""
+    lines = []
+    for row in SPECS:
+        runs = [(s["seed"], s["search"][row]) for s in part["seeds"] if row in s.get("search", {})]
+        if not runs:
+            continue
+        records = [r for _, r in runs]
+        chosen = ", ".join(f"seed {seed}: {r['best']['weights']}" for seed, r in runs)
+        edges = sum(r["at_grid_edge"] for r in records)
+        models = " / ".join(records[0]["models"])
+        lines.append(
+            f"search for {row} (weights {models}; valid loss, grid {records[0]['grid']}): "
+            f"{chosen}; at the grid's edge in {edges}/{len(records)} seeds"
+        )
+    return lines
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -681,9 +682,7 @@ def format_table(report: dict[str, Any]) -> str:
             f"{training['lr']:g} from the base =="
         )
         lines += _table(part["summary"], names)
-        search = _search_line(part)
-        if search:
-            lines.append(search)
+        lines += _search_lines(part)
         lines.append(f"verdict: {part['verdict']['text']}")
         lines.append("")
     seeds = len(report["seeds"])
