@@ -81,11 +81,13 @@ def merge_command(args: tuple[str, ...]) -> None:
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Best recipe (YAML).")
 @click.option("--num-samples", default=64, show_default=True, help="Held-out sequences to score.")
 @click.option("--max-length", default=256, show_default=True, help="Tokens per sequence.")
-@click.option("--batch-size", default=8, show_default=True)
-@click.option("--text-field", default="text", show_default=True)
+@click.option(
+    "--batch-size", default=8, show_default=True, help="Sequences per forward pass when scoring."
+)
+@click.option("--text-field", default="text", show_default=True, help="Field holding plain text.")
 @click.option("--device", default="cpu", show_default=True, help="Where candidates are scored.")
 @click.option("--cuda", is_flag=True, help="Merge candidates on the GPU (mergekit --cuda).")
-@click.option("-v", "--verbose", count=True)
+@click.option("-v", "--verbose", count=True, help="More logging (-vv: debug).")
 def search_command(
     recipe: str,
     data: tuple[str, ...],
@@ -280,8 +282,9 @@ def demo_command(out: str, seeds: int, regime: str, keep_models: bool, verbose: 
 @click.option(
     "--store-dtype",
     type=click.Choice(["bfloat16", "float32"]),
-    default="bfloat16",
-    show_default=True,
+    default=None,
+    help="Stored precision [default: bfloat16 for fisher, float32 for gram: a bfloat16 Gram "
+    "can turn indefinite].",
 )
 @click.option(
     "--dtype", default=None, help="Compute dtype [default: bfloat16 on GPU, float32 on CPU]."

@@ -100,6 +100,25 @@ def check_recipe(config: MergeConfiguration) -> list[ServedModel]:
     return served
 
 
+_WARNED_LOSSY: set[str] = set()
+
+
+def warn_lossy(served: list[ServedModel]) -> None:
+    """Once per store and process: a bfloat16 Gram store makes regmean's solve inexact."""
+    for item in served:
+        store = item.store
+        path = str(store.path)
+        if store.statistic != "gram" or store.config.get("store_dtype") != "bfloat16":
+            continue
+        if path not in _WARNED_LOSSY:
+            _WARNED_LOSSY.add(path)
+            LOG.warning(
+                "Gram store %s is stored in bfloat16: the regmean solve is only as exact as that "
+                "(noise at alpha near 1); re-estimate it with the default --store-dtype float32",
+                path,
+            )
+
+
 def describe(served: ServedModel) -> str:
     """One line for the user: which store serves which model, and what it is."""
     store = served.store
@@ -127,7 +146,7 @@ def wrap_run_merge(module: ModuleType) -> None:
 
     @functools.wraps(original)
     def run_merge(merge_config: MergeConfiguration, *args: Any, **kwargs: Any) -> Any:
-        check_recipe(merge_config)
+        warn_lossy(check_recipe(merge_config))
         take_averaged_report()
         try:
             return original(merge_config, *args, **kwargs)

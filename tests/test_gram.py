@@ -112,6 +112,24 @@ def test_tied_lm_head_is_skipped(tmp_path: Path, data_file: Path) -> None:
     assert store is not None and "lm_head.weight" not in store.config["consumers"]
 
 
+def test_gram_stores_default_to_float32_and_bfloat16_warns(
+    tmp_path: Path, tiny_llama: Path, data_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from mergekit_fisher.estimate import estimate_fisher
+
+    common = dict(statistic="gram", device="cpu", progress=False)
+    with caplog.at_level("WARNING"):
+        default = estimate_fisher(tiny_llama, [data_file], tmp_path / "f32", **common)
+    assert default is not None and default.config["store_dtype"] == "float32"
+    assert "--store-dtype bfloat16 for Gram matrices" not in caplog.text
+    with caplog.at_level("WARNING"):
+        lossy = estimate_fisher(
+            tiny_llama, [data_file], tmp_path / "bf16", store_dtype="bfloat16", **common
+        )
+    assert lossy is not None and lossy.config["store_dtype"] == "bfloat16"
+    assert "--store-dtype bfloat16 for Gram matrices" in caplog.text
+
+
 def test_regmean_merges_real_gram_stores(tmp_path: Path, tiny_llama_pair, data_file: Path) -> None:  # type: ignore[no-untyped-def]
     from mergekit_fisher.estimate import estimate_fisher
 

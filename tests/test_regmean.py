@@ -30,7 +30,13 @@ def input_key(name: str) -> str:
     return name.removesuffix(".weight") + ".input"
 
 
-def make_gram_store(model: Path, out: Path, seed: int, dead_input: bool = False) -> Path:
+def make_gram_store(
+    model: Path,
+    out: Path,
+    seed: int,
+    dead_input: bool = False,
+    store_dtype: torch.dtype = torch.float32,
+) -> Path:
     weights = model_tensors(model)
     g = torch.Generator().manual_seed(seed)
     grams: dict[str, torch.Tensor] = {}
@@ -51,7 +57,7 @@ def make_gram_store(model: Path, out: Path, seed: int, dead_input: bool = False)
         weights={n: weights[n] for n in consumers},
         statistic="gram",
         consumers=consumers,
-        store_dtype=torch.float32,
+        store_dtype=store_dtype,
     )
     return out
 
@@ -121,6 +127,25 @@ def test_regmean_with_a_dead_input_still_solves(tmp_path: Path, tiny_llama_pair)
     ]
     merged = run_recipe(regmean_recipe(models, stores, [1.0, 1.0], alpha=1.0), tmp_path / "out")
     assert all(torch.isfinite(t).all() for t in merged.values())
+
+
+def test_bfloat16_gram_stores_are_merged_with_a_warning(
+    tmp_path: Path, tiny_llama_pair, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    models = list(tiny_llama_pair)
+    stores = [
+        make_gram_store(
+            m, tmp_path / f"g{i}", seed=i, store_dtype=torch.bfloat16 if i else torch.float32
+        )
+        for i, m in enumerate(models)
+    ]
+    with caplog.at_level("WARNING"):
+        merged = run_recipe(regmean_recipe(models, stores, [1.0, 1.0]), tmp_path / "out")
+    warnings = [r.getMessage() for r in caplog.records if "stored in bfloat16" in r.getMessage()]
+    assert len(warnings) == 1 and str(stores[1]) in warnings[0], warnings
+    ref = regmean_reference(models, stores, [1.0, 1.0], alpha=0.9)
+    for name, tensor in merged.items():
+        torch.testing.assert_close(tensor.double(), ref[name], rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_fisher_and_regmean_refuse_each_others_stores(tmp_path: Path, tiny_llama_pair) -> None:  # type: ignore[no-untyped-def]

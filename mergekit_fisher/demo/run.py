@@ -498,7 +498,9 @@ def _run_regime(
         config = recipe(row, base_dir, experts, stores, settings.ties_density)
         if SPECS[row].searched:
             logger.info("seed %d, %s: searching %s on the valid split", seed, regime, row)
-            config, searches[row] = _search(config, held_out, root / "search" / _slug(row), settings)
+            config, searches[row] = _search(
+                config, held_out, root / "search" / _slug(row), settings
+            )
             clock.lap("search")
         slug = _slug(row)
         recipe_path = root / "recipes" / f"{slug}.yml"

@@ -17,6 +17,9 @@ GRANULARITIES = ("full", "nodes")
 NODE_MAPPINGS = ("heads", "paper")
 KV_REDUCTIONS = ("group", "sum")
 STORE_DTYPES = ("bfloat16", "float32")
+DEFAULT_STORE_DTYPES = {"fisher": "bfloat16", "gram": "float32"}
+"""bfloat16 keeps a diagonal Fisher's range at half the size; a Gram matrix is solved against,
+and rounding an ill-conditioned one to bfloat16 can make it indefinite (docs/merging.md)."""
 
 _DTYPES = {
     "float64": torch.float64,
@@ -53,10 +56,11 @@ def parse_dtype(name: str | torch.dtype, what: str = "--dtype") -> torch.dtype:
 class EstimateConfig:
     """Every setting of ``estimate_fisher`` / ``mergekit-fisher estimate`` (CLI names in docs).
 
-    ``dtype=None`` computes in bfloat16 on CUDA and float32 on CPU. ``checkpoint_every`` counts
-    batches (0: never). ``node_mapping``/``kv_heads`` only matter for ``granularity="nodes"``;
-    ``statistic="gram"`` (RegMean's input Gram matrices) runs forward passes only and ignores
-    ``mode``, ``granularity`` and ``samples_per_example``.
+    ``dtype=None`` computes in bfloat16 on CUDA and float32 on CPU; ``store_dtype=None`` stores
+    Fisher in bfloat16 and Gram matrices in float32 (``DEFAULT_STORE_DTYPES``).
+    ``checkpoint_every`` counts batches (0: never). ``node_mapping``/``kv_heads`` only matter
+    for ``granularity="nodes"``; ``statistic="gram"`` (RegMean's input Gram matrices) runs
+    forward passes only and ignores ``mode``, ``granularity`` and ``samples_per_example``.
     """
 
     statistic: str = "fisher"
@@ -66,7 +70,7 @@ class EstimateConfig:
     max_length: int = 512
     batch_size: int = 8
     samples_per_example: int = 1
-    store_dtype: str = "bfloat16"
+    store_dtype: str | None = None
     dtype: str | None = None
     device: str = "auto"
     device_map: str | None = None
@@ -98,7 +102,8 @@ class EstimateConfig:
         choose("granularity", self.granularity, GRANULARITIES)
         choose("node_mapping", self.node_mapping, NODE_MAPPINGS)
         choose("kv_heads", self.kv_heads, KV_REDUCTIONS)
-        choose("store_dtype", str(self.store_dtype), STORE_DTYPES)
+        if self.store_dtype is not None:
+            choose("store_dtype", str(self.store_dtype), STORE_DTYPES)
         for field in ("batch_size", "samples_per_example", "max_length"):
             if int(getattr(self, field)) < 1:
                 flag = "--" + field.replace("_", "-")
@@ -115,6 +120,11 @@ class EstimateConfig:
             raise EstimateError(f"--device-map {self.device_map!r}: only 'auto' is supported")
         if self.dtype is not None:
             parse_dtype(self.dtype)
+
+    @property
+    def stored_as(self) -> str:
+        """The store's dtype: ``store_dtype``, or the statistic's default."""
+        return self.store_dtype or DEFAULT_STORE_DTYPES[self.statistic]
 
     def with_(self, **changes: Any) -> EstimateConfig:
         return replace(self, **changes)

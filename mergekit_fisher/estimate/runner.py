@@ -260,6 +260,11 @@ def estimate_fisher(
         if overrides
         else (config or EstimateConfig())
     )
+    if config.statistic == "gram" and config.stored_as == "bfloat16":
+        LOG.warning(
+            "--store-dtype bfloat16 for Gram matrices: rounding can make an ill-conditioned Gram "
+            "indefinite and spoil the regmean solve (alpha 1 above all); float32 is the default"
+        )
     out = Path(out)
     check_out_dir(out, overwrite=config.overwrite)
     ckpt_dir = checkpoint.checkpoint_dir(out)
@@ -443,7 +448,7 @@ def estimate_fisher(
                 revision=config.revision,
                 granularity=config.granularity,
                 estimator=estimator,
-                store_dtype=parse_dtype(config.store_dtype, "--store-dtype"),
+                store_dtype=parse_dtype(config.stored_as, "--store-dtype"),
                 shard_size=config.shard_size or DEFAULT_SHARD_SIZE,
                 overwrite=config.overwrite,
             )
