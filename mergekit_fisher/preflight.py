@@ -3,21 +3,27 @@
 mergekit silently ignores misspelled parameters and only meets a missing store deep inside the
 merge. For ``merge_method: fisher`` recipes this module refuses unknown parameters, inputs
 without a ``fisher`` store and unreadable stores up front, with one line each. The autoload hook
-wraps ``mergekit.merge.run_merge`` with it, so plain ``mergekit-yaml`` gets the same checks.
+wraps ``mergekit.merge.run_merge`` with it, so plain ``mergekit-yaml`` gets the same checks; the
+wrapper also turns our errors met mid-merge (a store bound to other weights) into one line
+inside any click command, and removes the output directory such a failed merge created.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import IO, Any
 
+import click
 from mergekit.config import MergeConfiguration
 
 from mergekit_fisher import method, regmean
+from mergekit_fisher.errors import is_user_error
 from mergekit_fisher.method import RecipeError, open_model_store, take_averaged_report
 from mergekit_fisher.store import FisherStore
 
@@ -138,6 +144,14 @@ def report_averaged() -> None:
         log("%d tensor(s) merged by weighted averaging (%s): %s", len(names), reason, shown)
 
 
+class OneLineError(click.ClickException):
+    """Our error met inside a click command (plain ``mergekit-yaml`` included): one line, exit 1,
+    worded like ``mergekit-fisher``'s own errors."""
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True, file=file)
+
+
 def wrap_run_merge(module: ModuleType) -> None:
     """Wrap ``module.run_merge`` (mergekit.merge) with the recipe pre-flight, once."""
     original = module.run_merge
@@ -146,12 +160,23 @@ def wrap_run_merge(module: ModuleType) -> None:
 
     @functools.wraps(original)
     def run_merge(merge_config: MergeConfiguration, *args: Any, **kwargs: Any) -> Any:
-        warn_lossy(check_recipe(merge_config))
-        take_averaged_report()
+        out = Path(args[0] if args else kwargs["out_path"])
+        created = not out.exists()
         try:
-            return original(merge_config, *args, **kwargs)
-        finally:
-            report_averaged()
+            warn_lossy(check_recipe(merge_config))
+            take_averaged_report()
+            try:
+                return original(merge_config, *args, **kwargs)
+            finally:
+                report_averaged()
+        except Exception as error:
+            if not is_user_error(error):
+                raise
+            if created:  # everything in it is this failed merge's
+                shutil.rmtree(out, ignore_errors=True)
+            if click.get_current_context(silent=True) is None or LOG.isEnabledFor(logging.DEBUG):
+                raise
+            raise OneLineError(str(error)) from error
 
     run_merge.__mergekit_fisher__ = True  # type: ignore[attr-defined]
     module.run_merge = run_merge  # type: ignore[attr-defined]

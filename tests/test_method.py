@@ -320,6 +320,25 @@ def test_plain_mergekit_yaml_refuses_unknown_parameter(tmp_path: Path, pair_with
     )
     assert result.returncode != 0
     assert "unknown parameter(s) ['wieght']" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_plain_mergekit_yaml_mid_merge_error_is_one_line_and_leaves_nothing(
+    tmp_path: Path, pair_with_stores
+) -> None:  # type: ignore[no-untyped-def]
+    models, stores = pair_with_stores
+    # Model b with model a's store: only the binding, met tensor by tensor, can tell.
+    recipe = fisher_recipe(models, [stores[0], stores[0]], [1.0, 1.0])
+    result = run_cli(
+        str(BIN / "mergekit-yaml"),
+        str(write_recipe(tmp_path / "r.yml", recipe)),
+        str(tmp_path / "out"),
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "was computed on other weights" in errors[0], result.stderr
     assert not (tmp_path / "out").exists()
 
 
