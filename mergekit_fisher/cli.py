@@ -141,7 +141,8 @@ def search_command(
 @click.option("--verify", is_flag=True, help="Read every tensor to check the files in full.")
 @click.option("--tensors", "show_tensors", is_flag=True, help="List every tensor's statistics.")
 def inspect_command(store: str, revision: str | None, verify: bool, show_tensors: bool) -> None:
-    """Show a Fisher store's provenance, settings and statistics (no tensor reads by default)."""
+    """Show a Fisher or Gram store's provenance, settings and statistics (no tensor reads by
+    default)."""
     from mergekit_fisher.store import open_store
 
     opened = open_store(store, revision)
@@ -149,7 +150,8 @@ def inspect_command(store: str, revision: str | None, verify: bool, show_tensors
     stats = config["statistics"]
     click.echo(f"store        {opened.path}")
     click.echo(f"model        {opened.model} (revision {config['model'].get('revision')})")
-    click.echo(f"granularity  {opened.granularity}; stored as {config['store_dtype']}")
+    kind = "gram (RegMean)" if opened.statistic == "gram" else f"fisher, {opened.granularity}"
+    click.echo(f"statistic    {kind}; stored as {config['store_dtype']}")
     click.echo(f"tensors      {stats['num_tensors']} covering {stats['num_elements']:,} weights")
     click.echo(f"global L2    {stats['global_l2_norm']:.6g}")
     click.echo(f"bound        {'yes' if opened.is_bound else 'no (merges cannot check weights)'}")

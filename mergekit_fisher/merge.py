@@ -55,7 +55,7 @@ def run_mergekit_yaml(args: list[str]) -> None:
     except OSError as error:
         raise click.ClickException(f"cannot read recipe {config_file}: {error.strerror}") from None
     for served in check_recipe(MergeConfiguration.model_validate(yaml.safe_load(source))):
-        click.echo(f"fisher store: {describe(served)}", err=True)
+        click.echo(f"{served.store.statistic} store: {describe(served)}", err=True)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         ctx.params["out_path"] = str(tmp)
         with ctx:

@@ -40,6 +40,7 @@ def test_inspect_shows_provenance_and_verifies(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["inspect", str(tmp_path / "s"), "--verify", "--tensors"])
     assert result.exit_code == 0, result.output
     assert "org/m" in result.output and "sampled" in result.output and "verified" in result.output
+    assert "statistic    fisher, full; stored as bfloat16" in result.output
 
 
 def test_user_errors_are_one_line(tmp_path: Path) -> None:

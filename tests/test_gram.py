@@ -121,6 +121,8 @@ def test_gram_stores_default_to_float32_and_bfloat16_warns(
     with caplog.at_level("WARNING"):
         default = estimate_fisher(tiny_llama, [data_file], tmp_path / "f32", **common)
     assert default is not None and default.config["store_dtype"] == "float32"
+    shown = CliRunner().invoke(main, ["inspect", str(tmp_path / "f32")])
+    assert "statistic    gram (RegMean); stored as float32" in shown.output, shown.output
     assert "--store-dtype bfloat16 for Gram matrices" not in caplog.text
     with caplog.at_level("WARNING"):
         lossy = estimate_fisher(
