@@ -16,9 +16,11 @@ get the right Fisher tensor, and weights the store does not describe are refused
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import threading
+from collections.abc import Callable, Sequence
 from typing import Annotated, Literal
 
 import torch
@@ -41,9 +43,11 @@ from mergekit_fisher.store import FisherStore, StoreError, open_store
 LOG = logging.getLogger(__name__)
 
 PARAMETERS = ("weight", "fisher", "normalize", "epsilon", "missing")
+"""Every recipe parameter ``fisher`` understands (the pre-flight refuses others)."""
 METHOD_OF = {"fisher": "fisher", "gram": "regmean"}
 """The merge method that reads each store statistic."""
-"""Every recipe parameter ``fisher`` understands (the pre-flight refuses others)."""
+CHUNK_ELEMENTS = 1 << 18
+"""Elements per chunk of the CPU path (256K: fastest of 64K-4M in docs/benchmarks.md)."""
 
 _AVERAGED_LOCK = threading.Lock()
 _AVERAGED: dict[str, list[str]] = {}
@@ -110,13 +114,13 @@ def check_binding(store: FisherStore, name: str, entry: TensorEntry) -> str | No
 
 
 def weighted_average(
-    entries: tuple[TensorEntry, ...], weights: list[float], compute: torch.dtype
+    tensors: Sequence[torch.Tensor], weights: list[float], compute: torch.dtype
 ) -> torch.Tensor:
     """The recipe-weighted linear average, the fallback for weights a store does not cover."""
     total = sum(weights)
-    result = torch.zeros(entries[0].tensor.shape, dtype=compute, device=entries[0].tensor.device)
-    for e, w in zip(entries, weights):
-        result.add_(e.tensor.to(compute), alpha=w / total)
+    result = torch.zeros(tensors[0].shape, dtype=compute, device=tensors[0].device)
+    for tensor, w in zip(tensors, weights):
+        result.add_(tensor.to(compute), alpha=w / total)
     return result
 
 
@@ -168,8 +172,10 @@ def fisher_merge(
 ) -> torch.Tensor:
     """Fisher-weighted average of one tensor group (see the module docstring).
 
-    Memory: one input's Fisher at a time, and every full-size step in place, so the kernel
-    holds about three float32 copies of the tensor (numerator, denominator, one Fisher).
+    Memory: on CPU, a Fisher of the weight's own shape is merged a block of rows at a time
+    (``_merge_by_rows``: the output is the only full-size allocation). Otherwise (broadcast node
+    stores, GPU tensors, small tensors) one input's Fisher is held at a time and every
+    full-size step is in place: about three float32 copies of the tensor.
     """
     name = group.metadata.name or "<unnamed tensor>"
     entries = group.entries
@@ -189,14 +195,29 @@ def fisher_merge(
                 )
         by_nodes = all(n is not None or s.averages_uncovered for s, n in zip(stores, located))
         note_averaged("not covered by node stores" if by_nodes else "missing", name)
-        return weighted_average(entries, weights, compute).to(first.dtype)
+        return weighted_average([e.tensor for e in entries], weights, compute).to(first.dtype)
+
+    names = [n for n in located if n is not None]
+    scales = [
+        w / (s.global_norm if normalize and s.global_norm > 0 else 1.0)
+        for s, w in zip(stores, weights)
+    ]
+    offsets = [w * epsilon for w in weights]
+    floored = epsilon * max(weights) >= torch.finfo(compute).tiny
+    shape = tuple(first.shape)
+    if (
+        first.device.type == "cpu"
+        and first.numel() > CHUNK_ELEMENTS
+        and all(s.stats(n).shape == shape for s, n in zip(stores, names))
+    ):
+        with contextlib.ExitStack() as stack:
+            readers = [stack.enter_context(s.reader(n)) for s, n in zip(stores, names)]
+            return _merge_by_rows(entries, readers, scales, offsets, weights, compute, floored)
 
     numerator: torch.Tensor | None = None
     denominator: torch.Tensor | None = None
-    for e, s, n, w in zip(entries, stores, located, weights):
-        assert n is not None
-        norm = s.global_norm if normalize and s.global_norm > 0 else 1.0
-        coefficient = _coefficient(e, s, n, name, w / norm, w * epsilon, compute)
+    for e, s, n, scale, offset in zip(entries, stores, names, scales, offsets):
+        coefficient = _coefficient(e, s, n, name, scale, offset, compute)
         theta = e.tensor.to(compute)
         if numerator is None:
             numerator = coefficient * theta
@@ -211,14 +232,64 @@ def fisher_merge(
             denominator = denominator + coefficient
         del coefficient
     assert numerator is not None and denominator is not None
-    if epsilon * max(weights) >= torch.finfo(compute).tiny:
-        return numerator.div_(denominator).to(first.dtype)  # the floor keeps it positive
-    # Every Fisher can be zero at once: those elements take the linear average.
+    tensors = [e.tensor for e in entries]
+    return _divide(numerator, denominator, floored, tensors, weights).to(first.dtype)
+
+
+def _divide(
+    numerator: torch.Tensor,
+    denominator: torch.Tensor,
+    floored: bool,
+    tensors: Sequence[torch.Tensor],
+    weights: list[float],
+) -> torch.Tensor:
+    """numerator / denominator, in place where it can; elements whose denominator is zero
+    (every Fisher zero and no epsilon floor) take the linear average of ``tensors``."""
+    if floored:
+        return numerator.div_(denominator)  # the floor keeps the denominator positive
     zero = denominator <= 0
     if not bool(zero.any()):
-        return numerator.div_(denominator).to(first.dtype)
+        return numerator.div_(denominator)
     numerator.div_(denominator.masked_fill(zero, 1.0))
-    return torch.where(zero, weighted_average(entries, weights, compute), numerator).to(first.dtype)
+    return torch.where(zero, weighted_average(tensors, weights, numerator.dtype), numerator)
+
+
+def _merge_by_rows(
+    entries: tuple[TensorEntry, ...],
+    readers: list[Callable[[int | None, int | None], torch.Tensor]],
+    scales: list[float],
+    offsets: list[float],
+    weights: list[float],
+    compute: torch.dtype,
+    floored: bool,
+) -> torch.Tensor:
+    """The whole-tensor formula, a block of rows at a time: four chunk-sized float32 buffers
+    and the output are all it allocates, and each Fisher is read one block at a time."""
+    first = entries[0].tensor
+    rows = first.shape[0]
+    width = first.numel() // rows
+    step = max(1, CHUNK_ELEMENTS // width)
+    out = torch.empty_like(first)
+    out_rows = out.view(rows, width)
+    numerator, denominator, coefficient, theta = torch.empty(
+        4, min(step, rows), width, dtype=compute
+    )
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        k = stop - start
+        num, den, coef, th = numerator[:k], denominator[:k], coefficient[:k], theta[:k]
+        for i, (e, read, scale, offset) in enumerate(zip(entries, readers, scales, offsets)):
+            coef.copy_(read(start, stop).reshape(k, width)).mul_(scale).add_(offset)
+            th.copy_(e.tensor[start:stop].reshape(k, width))
+            if i == 0:
+                torch.mul(coef, th, out=num)
+                den.copy_(coef)
+            else:
+                num.addcmul_(coef, th)
+                den.add_(coef)
+        block = [e.tensor[start:stop].reshape(k, width) for e in entries]
+        out_rows[start:stop].copy_(_divide(num, den, floored, block, weights))
+    return out
 
 
 FISHER = merge_method(

@@ -33,7 +33,7 @@ import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -545,29 +545,45 @@ class FisherStore:
         dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
         """One tensor (validated: finite; a Fisher also non-negative)."""
+        with self.reader(name) as read:
+            tensor = read(None, None)
+        return tensor.to(device=device or "cpu", dtype=dtype)
+
+    @contextlib.contextmanager
+    def reader(self, name: str) -> Iterator[Callable[[int | None, int | None], torch.Tensor]]:
+        """``read(start, stop)``: rows [start, stop) of one tensor in its stored dtype, validated,
+        through one handle kept open while the caller merges that tensor chunk by chunk."""
         try:
             filename = self._weight_map[name]
         except KeyError:
             raise StoreError(f"{self.ref} has no Fisher tensor {name!r}") from None
         with self._open(filename) as handle:
-            try:
-                tensor = handle.get_tensor(name)
-            except Exception as error:
-                raise StoreError(
-                    f"cannot read {name!r} from {self.path / filename} ({error}): the store is "
-                    "corrupt or truncated; re-create or re-download it"
-                ) from None
-        if tensor.numel():
-            # One pass over the stored dtype: NaN propagates into both, Inf shows in one.
-            low, high = (float(v) for v in torch.aminmax(tensor))
-            if not (math.isfinite(low) and math.isfinite(high)):
-                raise StoreError(f"{self.ref}: tensor {name!r} has NaN/Inf values; re-estimate")
-            if self.statistic == "fisher" and low < 0:
-                raise StoreError(
-                    f"{self.ref}: Fisher tensor {name!r} has negative values; re-estimate"
-                )
-        tensor = tensor.to(device=device or "cpu", dtype=dtype)
-        return tensor
+
+            def read(start: int | None, stop: int | None) -> torch.Tensor:
+                try:
+                    if start is None and stop is None:
+                        tensor = handle.get_tensor(name)
+                    else:
+                        tensor = handle.get_slice(name)[start:stop]
+                except Exception as error:
+                    raise StoreError(
+                        f"cannot read {name!r} from {self.path / filename} ({error}): the store "
+                        "is corrupt or truncated; re-create or re-download it"
+                    ) from None
+                self._check_values(name, tensor)
+                return tensor
+
+            yield read
+
+    def _check_values(self, name: str, tensor: torch.Tensor) -> None:
+        if not tensor.numel():
+            return
+        # One pass over the stored dtype: NaN propagates into both, Inf shows in one.
+        low, high = (float(v) for v in torch.aminmax(tensor))
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise StoreError(f"{self.ref}: tensor {name!r} has NaN/Inf values; re-estimate")
+        if self.statistic == "fisher" and low < 0:
+            raise StoreError(f"{self.ref}: Fisher tensor {name!r} has negative values; re-estimate")
 
     def locate(self, name: str, weight: torch.Tensor) -> str | None:
         """The store tensor that describes ``weight``, arriving under output name ``name``.

@@ -35,6 +35,26 @@ def _fresh_cache():  # type: ignore[no-untyped-def]
     clear_cache()
 
 
+@pytest.fixture(params=["whole", "rows"])
+def kernel_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """Both CPU paths of the kernel: whole tensors, and blocks of rows (with a chunk so small
+    that tiny tensors span many blocks, a ragged last one included)."""
+    from mergekit_fisher import method
+
+    calls = []
+    if request.param == "rows":
+        merge_by_rows = method._merge_by_rows
+
+        def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+            calls.append(1)
+            return merge_by_rows(*args, **kwargs)
+
+        monkeypatch.setattr(method, "CHUNK_ELEMENTS", 37)
+        monkeypatch.setattr(method, "_merge_by_rows", counted)
+    yield request.param
+    assert bool(calls) == (request.param == "rows")
+
+
 def reference(
     models: list[Path],
     stores: list[Path],
@@ -83,6 +103,7 @@ def assert_close(
     ],
 )
 def test_merge_matches_dense_reference(
+    kernel_path: str,
     tmp_path: Path,
     tiny_llama_pair: tuple[Path, Path],
     n_models: int,
@@ -101,7 +122,9 @@ def test_merge_matches_dense_reference(
     assert_close(merged, reference(models, stores, weights, normalize=normalize, epsilon=epsilon))
 
 
-def test_zero_fisher_everywhere_gives_linear_average(tmp_path: Path, tiny_llama_pair) -> None:  # type: ignore[no-untyped-def]
+def test_zero_fisher_everywhere_gives_linear_average(
+    kernel_path: str, tmp_path: Path, tiny_llama_pair
+) -> None:  # type: ignore[no-untyped-def]
     models = list(tiny_llama_pair)
     stores = [
         make_store(m, tmp_path / f"f{i}", seed=i, zero_fraction=0.7) for i, m in enumerate(models)
@@ -120,7 +143,7 @@ def test_zero_fisher_everywhere_gives_linear_average(tmp_path: Path, tiny_llama_
     )
 
 
-def test_broadcast_and_sharded_stores(tmp_path: Path, tiny_llama_pair) -> None:  # type: ignore[no-untyped-def]
+def test_broadcast_and_sharded_stores(kernel_path: str, tmp_path: Path, tiny_llama_pair) -> None:  # type: ignore[no-untyped-def]
     models = list(tiny_llama_pair)
     rows = ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight")
     stores = [
@@ -132,7 +155,7 @@ def test_broadcast_and_sharded_stores(tmp_path: Path, tiny_llama_pair) -> None: 
     assert_close(merged, reference(models, stores, [1.0, 1.0], normalize=True, epsilon=1e-8))
 
 
-def test_bf16_checkpoints_keep_their_dtype(tmp_path: Path) -> None:
+def test_bf16_checkpoints_keep_their_dtype(kernel_path: str, tmp_path: Path) -> None:
     models = [
         save_tiny_model(tmp_path / n, seed=s, dtype=torch.bfloat16) for n, s in (("a", 1), ("b", 2))
     ]
@@ -151,7 +174,9 @@ def test_bf16_checkpoints_keep_their_dtype(tmp_path: Path) -> None:
     assert_close(run_recipe(recipe, tmp_path / "out32"), ref)
 
 
-def test_base_model_is_an_input_with_its_own_store(tmp_path: Path, tiny_llama_pair) -> None:  # type: ignore[no-untyped-def]
+def test_base_model_is_an_input_with_its_own_store(
+    kernel_path: str, tmp_path: Path, tiny_llama_pair
+) -> None:  # type: ignore[no-untyped-def]
     base = save_tiny_model(tmp_path / "base", seed=9)
     models = [*tiny_llama_pair, base]
     stores = [make_store(m, tmp_path / f"f{i}", seed=i) for i, m in enumerate(models)]
@@ -161,7 +186,9 @@ def test_base_model_is_an_input_with_its_own_store(tmp_path: Path, tiny_llama_pa
     assert_close(merged, reference(models, stores, [1.0, 1.0, 0.5], normalize=True, epsilon=1e-8))
 
 
-def test_slices_with_shifted_layers_use_the_input_layers_fisher(tmp_path: Path) -> None:
+def test_slices_with_shifted_layers_use_the_input_layers_fisher(
+    kernel_path: str, tmp_path: Path
+) -> None:
     a = save_tiny_model(tmp_path / "a4", seed=1, num_hidden_layers=4)
     b = save_tiny_model(tmp_path / "b4", seed=2, num_hidden_layers=4)
     fa, fb = make_store(a, tmp_path / "fa", seed=0), make_store(b, tmp_path / "fb", seed=1)
@@ -196,7 +223,7 @@ def test_slices_with_shifted_layers_use_the_input_layers_fisher(tmp_path: Path) 
     assert checked == 2 * 9
 
 
-def test_mixed_tied_lm_head_uses_the_embedding_fisher(tmp_path: Path) -> None:
+def test_mixed_tied_lm_head_uses_the_embedding_fisher(kernel_path: str, tmp_path: Path) -> None:
     tied = save_tiny_model(tmp_path / "tied", seed=1, tie_word_embeddings=True)
     untied = save_tiny_model(tmp_path / "untied", seed=2)
     stores = [make_store(m, tmp_path / f"f{i}", seed=i) for i, m in enumerate((untied, tied))]
@@ -258,11 +285,11 @@ def test_error_shape_does_not_broadcast(tmp_path: Path, tiny_llama_pair) -> None
         )
 
 
-def test_error_nan_in_store(tmp_path: Path, tiny_llama_pair) -> None:  # type: ignore[no-untyped-def]
+def test_error_nan_in_store(kernel_path: str, tmp_path: Path, tiny_llama_pair) -> None:  # type: ignore[no-untyped-def]
     a, b = tiny_llama_pair
     stores = [make_store(m, tmp_path / f"f{i}", seed=i) for i, m in enumerate((a, b))]
     tensors = load_file(str(stores[1] / SINGLE_FILE))
-    tensors["model.norm.weight"][0] = float("nan")
+    tensors["model.layers.0.mlp.up_proj.weight"][3, 5] = float("nan")  # a later row block
     save_file(tensors, str(stores[1] / SINGLE_FILE))
     with pytest.raises(StoreError, match="NaN"):
         run_recipe(fisher_recipe([a, b], stores, [1.0, 1.0]), tmp_path / "out")
@@ -443,7 +470,7 @@ def test_lazy_unpickle_of_bin_checkpoints(tmp_path: Path, tiny_llama_pair) -> No
     )
 
 
-def test_kernel_is_thread_safe(tmp_path: Path, tiny_llama_pair) -> None:  # type: ignore[no-untyped-def]
+def test_kernel_is_thread_safe(kernel_path: str, tmp_path: Path, tiny_llama_pair) -> None:  # type: ignore[no-untyped-def]
     """--multi-gpu runs kernels concurrently in worker threads: results must not interfere."""
     from concurrent.futures import ThreadPoolExecutor
 

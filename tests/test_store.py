@@ -205,3 +205,21 @@ def test_hub_id_resolves_from_offline_cache(
     assert torch.equal(store.get("b.weight"), fisher["b.weight"])
     with pytest.raises(StoreError, match="could not be fetched"):
         open_store("someone/not-cached")
+
+
+def test_reader_reads_validated_row_blocks(tmp_path: Path) -> None:
+    weights = _weights()
+    fisher = _fisher(weights)
+    store = write_store(tmp_path / "s", fisher, weights=weights, store_dtype=torch.float32)
+    with store.reader("b.weight") as read:
+        torch.testing.assert_close(read(1, 4), fisher["b.weight"][1:4], rtol=0, atol=0)
+        assert read(1, 4).dtype == torch.float32
+        torch.testing.assert_close(read(None, None), store.get("b.weight"), rtol=0, atol=0)
+    tensors = load_file(str(tmp_path / "s" / SINGLE_FILE))
+    tensors["b.weight"][4, 2] = float("nan")
+    save_file(tensors, str(tmp_path / "s" / SINGLE_FILE))
+    clear_cache()
+    with open_store(tmp_path / "s").reader("b.weight") as read:
+        assert torch.isfinite(read(0, 4)).all()  # only the block read is checked
+        with pytest.raises(StoreError, match="NaN"):
+            read(3, 6)
