@@ -137,29 +137,19 @@ def compute_dtype(entries: tuple[TensorEntry, ...]) -> torch.dtype:
     return torch.float64 if any(e.tensor.dtype == torch.float64 for e in entries) else torch.float32
 
 
-def _coefficient(
-    entry: TensorEntry,
-    store: FisherStore,
-    located: str,
-    name: str,
-    scale: float,
-    offset: float,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """``scale * F + offset`` for one input, computed in place on a fresh copy of its Fisher."""
-    fisher = store.get(located, device=entry.tensor.device, dtype=dtype)
-    shape = tuple(entry.tensor.shape)
+def _check_shape(store: FisherStore, located: str, name: str, entry: TensorEntry) -> None:
+    """The store tensor must broadcast to the weight (from the store's metadata, no read)."""
+    stored, shape = store.stats(located).shape, tuple(entry.tensor.shape)
     try:
-        fits = torch.broadcast_shapes(fisher.shape, shape) == shape
+        fits = torch.broadcast_shapes(stored, shape) == shape
     except RuntimeError:
         fits = False
     if not fits:
         raise StoreError(
-            f"Fisher tensor {located!r} in {store.ref} has shape {list(fisher.shape)}, which does "
+            f"Fisher tensor {located!r} in {store.ref} has shape {list(stored)}, which does "
             f"not broadcast to {name!r} {list(shape)} of model {model_label(entry.id)}: "
             "the store describes another architecture; re-estimate it on this model"
         )
-    return fisher.mul_(scale).add_(offset)
 
 
 def fisher_merge(
@@ -172,10 +162,10 @@ def fisher_merge(
 ) -> torch.Tensor:
     """Fisher-weighted average of one tensor group (see the module docstring).
 
-    Memory: on CPU, a Fisher of the weight's own shape is merged a block of rows at a time
-    (``_merge_by_rows``: the output is the only full-size allocation). Otherwise (broadcast node
-    stores, GPU tensors, small tensors) one input's Fisher is held at a time and every
-    full-size step is in place: about three float32 copies of the tensor.
+    Memory: on CPU, a weight is merged a block of rows at a time (``_merge_by_rows``: the
+    output is the only full-size allocation). GPU tensors and small tensors are merged whole,
+    one input's Fisher at a time and every full-size step in place: about three float32
+    copies of the tensor.
     """
     name = group.metadata.name or "<unnamed tensor>"
     entries = group.entries
@@ -198,18 +188,15 @@ def fisher_merge(
         return weighted_average([e.tensor for e in entries], weights, compute).to(first.dtype)
 
     names = [n for n in located if n is not None]
+    for e, s, n in zip(entries, stores, names):
+        _check_shape(s, n, name, e)
     scales = [
         w / (s.global_norm if normalize and s.global_norm > 0 else 1.0)
         for s, w in zip(stores, weights)
     ]
     offsets = [w * epsilon for w in weights]
     floored = epsilon * max(weights) >= torch.finfo(compute).tiny
-    shape = tuple(first.shape)
-    if (
-        first.device.type == "cpu"
-        and first.numel() > CHUNK_ELEMENTS
-        and all(s.stats(n).shape == shape for s, n in zip(stores, names))
-    ):
+    if first.device.type == "cpu" and first.ndim and first.numel() > CHUNK_ELEMENTS:
         with contextlib.ExitStack() as stack:
             readers = [stack.enter_context(s.reader(n)) for s, n in zip(stores, names)]
             return _merge_by_rows(entries, readers, scales, offsets, weights, compute, floored)
@@ -217,7 +204,7 @@ def fisher_merge(
     numerator: torch.Tensor | None = None
     denominator: torch.Tensor | None = None
     for e, s, n, scale, offset in zip(entries, stores, names, scales, offsets):
-        coefficient = _coefficient(e, s, n, name, scale, offset, compute)
+        coefficient = s.get(n, device=first.device, dtype=compute).mul_(scale).add_(offset)
         theta = e.tensor.to(compute)
         if numerator is None:
             numerator = coefficient * theta
@@ -263,32 +250,30 @@ def _merge_by_rows(
     compute: torch.dtype,
     floored: bool,
 ) -> torch.Tensor:
-    """The whole-tensor formula, a block of rows at a time: four chunk-sized float32 buffers
+    """The whole-tensor formula, a block of rows at a time: four block-sized float32 buffers
     and the output are all it allocates, and each Fisher is read one block at a time."""
     first = entries[0].tensor
     rows = first.shape[0]
-    width = first.numel() // rows
-    step = max(1, CHUNK_ELEMENTS // width)
+    step = max(1, CHUNK_ELEMENTS // (first.numel() // rows))
     out = torch.empty_like(first)
-    out_rows = out.view(rows, width)
     numerator, denominator, coefficient, theta = torch.empty(
-        4, min(step, rows), width, dtype=compute
+        (4, min(step, rows), *first.shape[1:]), dtype=compute
     )
     for start in range(0, rows, step):
         stop = min(rows, start + step)
         k = stop - start
         num, den, coef, th = numerator[:k], denominator[:k], coefficient[:k], theta[:k]
         for i, (e, read, scale, offset) in enumerate(zip(entries, readers, scales, offsets)):
-            coef.copy_(read(start, stop).reshape(k, width)).mul_(scale).add_(offset)
-            th.copy_(e.tensor[start:stop].reshape(k, width))
+            coef.copy_(read(start, stop)).mul_(scale).add_(offset)  # broadcasts node stores
+            th.copy_(e.tensor[start:stop])
             if i == 0:
                 torch.mul(coef, th, out=num)
                 den.copy_(coef)
             else:
                 num.addcmul_(coef, th)
                 den.add_(coef)
-        block = [e.tensor[start:stop].reshape(k, width) for e in entries]
-        out_rows[start:stop].copy_(_divide(num, den, floored, block, weights))
+        block = [e.tensor[start:stop] for e in entries]
+        out[start:stop].copy_(_divide(num, den, floored, block, weights))
     return out
 
 

@@ -551,17 +551,23 @@ class FisherStore:
 
     @contextlib.contextmanager
     def reader(self, name: str) -> Iterator[Callable[[int | None, int | None], torch.Tensor]]:
-        """``read(start, stop)``: rows [start, stop) of one tensor in its stored dtype, validated,
-        through one handle kept open while the caller merges that tensor chunk by chunk."""
+        """``read(start, stop)``: what one tensor holds for rows [start, stop) of its weight, in
+        the stored dtype, validated, through one handle kept open while the caller merges that
+        weight a block of rows at a time. A tensor that broadcasts along the weight's rows
+        (a node store's [1, in]) comes back whole; ``read(None, None)`` is the whole tensor."""
         try:
             filename = self._weight_map[name]
         except KeyError:
             raise StoreError(f"{self.ref} has no Fisher tensor {name!r}") from None
+        stats = self._stats[name]
+        whole_rows = len(stats.shape) < len(stats.weight_shape) or (
+            stats.shape[:1] == (1,) != stats.weight_shape[:1]
+        )
         with self._open(filename) as handle:
 
             def read(start: int | None, stop: int | None) -> torch.Tensor:
                 try:
-                    if start is None and stop is None:
+                    if whole_rows or (start is None and stop is None):
                         tensor = handle.get_tensor(name)
                     else:
                         tensor = handle.get_slice(name)[start:stop]

@@ -120,18 +120,27 @@ def make_store(
     seed: int,
     *,
     broadcast: tuple[str, ...] = (),
+    broadcast_columns: tuple[str, ...] = (),
     zero_fraction: float = 0.3,
     drop: tuple[str, ...] = (),
     **kwargs: Any,
 ) -> Path:
-    """A store of random Fisher values (some exactly zero) bound to ``model``'s weights."""
+    """A store of random Fisher values (some exactly zero) bound to ``model``'s weights; the
+    ``broadcast`` weights get one value per row ([out, 1]), ``broadcast_columns`` one per
+    column ([1, in]), as node stores hold."""
     weights = model_tensors(model)
     g = torch.Generator().manual_seed(seed)
     fisher = {}
     for name, w in weights.items():
         if name in drop:
             continue
-        shape = (w.shape[0], 1) if name in broadcast else w.shape
+        shape = (
+            (w.shape[0], 1)
+            if name in broadcast
+            else (1, w.shape[1])
+            if name in broadcast_columns
+            else w.shape
+        )
         f = torch.rand(shape, generator=g) ** 4
         f[torch.rand(shape, generator=g) < zero_fraction] = 0.0
         fisher[name] = f

@@ -146,8 +146,9 @@ def test_zero_fisher_everywhere_gives_linear_average(
 def test_broadcast_and_sharded_stores(kernel_path: str, tmp_path: Path, tiny_llama_pair) -> None:  # type: ignore[no-untyped-def]
     models = list(tiny_llama_pair)
     rows = ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight")
+    columns = ("model.layers.0.self_attn.o_proj.weight", "model.layers.1.mlp.up_proj.weight")
     stores = [
-        make_store(models[0], tmp_path / "f0", seed=0, broadcast=rows),
+        make_store(models[0], tmp_path / "f0", seed=0, broadcast=rows, broadcast_columns=columns),
         make_store(models[1], tmp_path / "f1", seed=1, shard_size=4096, store_dtype=torch.float32),
     ]
     assert len(list((tmp_path / "f1").glob("fisher-*.safetensors"))) > 1
