@@ -272,6 +272,13 @@ def test_error_store_bound_to_other_weights(tmp_path: Path, tiny_llama_pair) -> 
     store_a = make_store(a, tmp_path / "fa", seed=0)
     with pytest.raises(StoreError, match="computed on other weights"):
         run_recipe(fisher_recipe([a, b], [store_a, store_a], [1.0, 1.0]), tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # the failed merge created it, and removed it
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    with pytest.raises(StoreError, match="computed on other weights"):
+        run_recipe(fisher_recipe([a, b], [store_a, store_a], [1.0, 1.0]), kept)
+    assert (kept / "notes.txt").read_text() == "mine"  # a directory that was there stays
 
 
 def test_error_shape_does_not_broadcast(tmp_path: Path, tiny_llama_pair) -> None:  # type: ignore[no-untyped-def]
