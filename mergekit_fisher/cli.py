@@ -29,11 +29,12 @@ class _OneLineErrors(click.Group):
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except Exception as error:
-            from mergekit_fisher.errors import is_user_error
+            from mergekit_fisher.errors import user_error
 
-            if not is_user_error(error) or logging.getLogger().level <= logging.DEBUG:
+            ours = user_error(error)
+            if ours is None or logging.getLogger().level <= logging.DEBUG:
                 raise
-            click.echo(f"error: {error}", err=True)
+            click.echo(f"error: {ours}", err=True)
             sys.exit(1)
 
 

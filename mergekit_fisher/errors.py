@@ -8,13 +8,14 @@ class FisherError(ValueError):
     """Base of every user-facing mergekit-fisher error."""
 
 
-def is_user_error(error: BaseException) -> bool:
-    """Whether ``error`` (or what it wraps, e.g. inside mergekit's executor) is ours."""
+def user_error(error: BaseException) -> FisherError | None:
+    """``error`` if it is ours, else the error of ours it wraps (e.g. inside mergekit's
+    executor), else None."""
     seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
         if isinstance(current, FisherError):
-            return True
+            return current
         seen.add(id(current))
         current = current.__cause__ or current.__context__
-    return False
+    return None

@@ -23,7 +23,7 @@ import click
 from mergekit.config import MergeConfiguration
 
 from mergekit_fisher import method, regmean
-from mergekit_fisher.errors import is_user_error
+from mergekit_fisher.errors import user_error
 from mergekit_fisher.method import RecipeError, open_model_store, take_averaged_report
 from mergekit_fisher.store import FisherStore
 
@@ -170,13 +170,14 @@ def wrap_run_merge(module: ModuleType) -> None:
             finally:
                 report_averaged()
         except Exception as error:
-            if not is_user_error(error):
+            ours = user_error(error)
+            if ours is None:
                 raise
             if created:  # everything in it is this failed merge's
                 shutil.rmtree(out, ignore_errors=True)
             if click.get_current_context(silent=True) is None or LOG.isEnabledFor(logging.DEBUG):
                 raise
-            raise OneLineError(str(error)) from error
+            raise OneLineError(str(ours)) from error
 
     run_merge.__mergekit_fisher__ = True  # type: ignore[attr-defined]
     module.run_merge = run_merge  # type: ignore[attr-defined]

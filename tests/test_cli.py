@@ -55,3 +55,17 @@ def test_user_errors_are_one_line(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+
+
+def test_user_error_finds_ours_inside_a_wrapper() -> None:
+    from mergekit_fisher.errors import FisherError, user_error
+
+    ours = FisherError("store x: re-estimate it")
+    try:
+        try:
+            raise ours
+        except FisherError as inner:
+            raise RuntimeError("executor failed") from inner
+    except RuntimeError as outer:
+        assert user_error(outer) is ours
+    assert user_error(RuntimeError("a bug")) is None
