@@ -20,7 +20,7 @@ import contextlib
 import logging
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Annotated, Literal
 
 import torch
@@ -113,15 +113,43 @@ def check_binding(store: FisherStore, name: str, entry: TensorEntry) -> str | No
     return located
 
 
-def weighted_average(
+def _average(
     tensors: Sequence[torch.Tensor], weights: list[float], compute: torch.dtype
 ) -> torch.Tensor:
-    """The recipe-weighted linear average, the fallback for weights a store does not cover."""
+    """The recipe-weighted linear average, in ``compute``."""
     total = sum(weights)
     result = torch.zeros(tensors[0].shape, dtype=compute, device=tensors[0].device)
     for tensor, w in zip(tensors, weights):
         result.add_(tensor.to(compute), alpha=w / total)
     return result
+
+
+def weighted_average(
+    tensors: Sequence[torch.Tensor], weights: list[float], compute: torch.dtype
+) -> torch.Tensor:
+    """The recipe-weighted linear average in the inputs' dtype: the fallback for weights a store
+    does not cover (embeddings under node stores). Large CPU tensors go a block of rows at a
+    time, so no full-size ``compute`` copy is made."""
+    first = tensors[0]
+    if not _by_rows(first):
+        return _average(tensors, weights, compute).to(first.dtype)
+    out = torch.empty_like(first)
+    for start, stop in _row_blocks(first):
+        out[start:stop].copy_(_average([t[start:stop] for t in tensors], weights, compute))
+    return out
+
+
+def _by_rows(tensor: torch.Tensor) -> bool:
+    """Whether a kernel merges ``tensor`` a block of rows at a time (CPU, > CHUNK_ELEMENTS)."""
+    return tensor.device.type == "cpu" and tensor.ndim > 0 and tensor.numel() > CHUNK_ELEMENTS
+
+
+def _row_blocks(tensor: torch.Tensor) -> Iterator[tuple[int, int]]:
+    """[start, stop) row ranges of about CHUNK_ELEMENTS elements each."""
+    rows = tensor.shape[0]
+    step = max(1, CHUNK_ELEMENTS // (tensor.numel() // rows))
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
 
 
 def recipe_weights(group: TensorGroup, weight: PerInputValues[float]) -> list[float]:
@@ -185,7 +213,7 @@ def fisher_merge(
                 )
         by_nodes = all(n is not None or s.averages_uncovered for s, n in zip(stores, located))
         note_averaged("not covered by node stores" if by_nodes else "missing", name)
-        return weighted_average([e.tensor for e in entries], weights, compute).to(first.dtype)
+        return weighted_average([e.tensor for e in entries], weights, compute)
 
     names = [n for n in located if n is not None]
     for e, s, n in zip(entries, stores, names):
@@ -196,7 +224,7 @@ def fisher_merge(
     ]
     offsets = [w * epsilon for w in weights]
     floored = epsilon * max(weights) >= torch.finfo(compute).tiny
-    if first.device.type == "cpu" and first.ndim and first.numel() > CHUNK_ELEMENTS:
+    if _by_rows(first):
         with contextlib.ExitStack() as stack:
             readers = [stack.enter_context(s.reader(n)) for s, n in zip(stores, names)]
             return _merge_by_rows(entries, readers, scales, offsets, weights, compute, floored)
@@ -238,7 +266,7 @@ def _divide(
     if not bool(zero.any()):
         return numerator.div_(denominator)
     numerator.div_(denominator.masked_fill(zero, 1.0))
-    return torch.where(zero, weighted_average(tensors, weights, numerator.dtype), numerator)
+    return torch.where(zero, _average(tensors, weights, numerator.dtype), numerator)
 
 
 def _merge_by_rows(
@@ -253,14 +281,12 @@ def _merge_by_rows(
     """The whole-tensor formula, a block of rows at a time: four block-sized float32 buffers
     and the output are all it allocates, and each Fisher is read one block at a time."""
     first = entries[0].tensor
-    rows = first.shape[0]
-    step = max(1, CHUNK_ELEMENTS // (first.numel() // rows))
+    blocks = list(_row_blocks(first))
     out = torch.empty_like(first)
     numerator, denominator, coefficient, theta = torch.empty(
-        (4, min(step, rows), *first.shape[1:]), dtype=compute
+        (4, blocks[0][1], *first.shape[1:]), dtype=compute
     )
-    for start in range(0, rows, step):
-        stop = min(rows, start + step)
+    for start, stop in blocks:
         k = stop - start
         num, den, coef, th = numerator[:k], denominator[:k], coefficient[:k], theta[:k]
         for i, (e, read, scale, offset) in enumerate(zip(entries, readers, scales, offsets)):

@@ -157,8 +157,7 @@ def regmean_merge(
     located = [check_binding(s, name, e) for e, s in zip(entries, stores)]
     if first.ndim != 2 or any(n is None for n in located):
         note_averaged("not covered by Gram stores", name)
-        average = weighted_average([e.tensor for e in entries], weights, compute_dtype(entries))
-        return average.to(first.dtype)
+        return weighted_average([e.tensor for e in entries], weights, compute_dtype(entries))
     names = [n for n in located if n is not None]
     device = first.device
     key: CacheKey = (

@@ -251,7 +251,9 @@ def test_mergekit_options_do_not_change_the_result(tmp_path: Path, tiny_llama_pa
         assert torch.equal(tensor, options[name]), name
 
 
-def test_missing_tensor_error_and_uniform(tmp_path: Path, tiny_llama_pair) -> None:  # type: ignore[no-untyped-def]
+def test_missing_tensor_error_and_uniform(
+    kernel_path: str, tmp_path: Path, tiny_llama_pair
+) -> None:  # type: ignore[no-untyped-def]
     models = list(tiny_llama_pair)
     dropped = "model.layers.1.mlp.gate_proj.weight"
     stores = [
