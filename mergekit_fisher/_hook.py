@@ -42,9 +42,9 @@ class _AutoloadFinder:
 def _after_import(name: str, module: object) -> None:
     try:
         if name == "mergekit.merge_methods":
-            if "mergekit_fisher.method" in sys.modules:
+            if "mergekit_fisher.methods" in sys.modules:
                 return  # it is importing mergekit right now and registers itself when done
-            from mergekit_fisher.method import register_methods
+            from mergekit_fisher.methods import register_methods
 
             register_methods()
         else:

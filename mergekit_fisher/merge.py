@@ -39,7 +39,7 @@ def run_mergekit_yaml(args: list[str]) -> None:
     from mergekit.config import MergeConfiguration
     from mergekit.scripts.run_yaml import main as mergekit_yaml
 
-    from mergekit_fisher.method import register_methods
+    from mergekit_fisher.methods import register_methods
     from mergekit_fisher.preflight import check_recipe, describe, wrap_run_merge
     from mergekit_fisher.store import atomic_directory
 

@@ -22,9 +22,9 @@ from typing import IO, Any
 import click
 from mergekit.config import MergeConfiguration
 
-from mergekit_fisher import method, regmean
 from mergekit_fisher.errors import user_error
-from mergekit_fisher.method import RecipeError, open_model_store, take_averaged_report
+from mergekit_fisher.methods import RECIPE_METHODS
+from mergekit_fisher.methods.common import RecipeError, open_model_store, take_averaged_report
 from mergekit_fisher.store import FisherStore
 
 LOG = logging.getLogger(__name__)
@@ -79,15 +79,11 @@ def _inputs(config: MergeConfiguration) -> list[tuple[str, dict[str, Any]]]:
     return list(inputs.items())
 
 
-# merge_method -> (the parameters it accepts, the parameter naming each input's store)
-METHODS = {"fisher": (method.PARAMETERS, "fisher"), "regmean": (regmean.PARAMETERS, "gram")}
-
-
 def check_recipe(config: MergeConfiguration) -> list[ServedModel]:
-    """Validate a ``fisher``/``regmean`` recipe and open every store; [] for other methods."""
-    if config.merge_method not in METHODS:
+    """Validate a recipe of one of our methods and open every store; [] for other methods."""
+    if config.merge_method not in RECIPE_METHODS:
         return []
-    accepted, key = METHODS[config.merge_method]
+    accepted, key = RECIPE_METHODS[config.merge_method]
     for where, params in _parameter_blocks(config):
         unknown = sorted(set(params) - set(accepted))
         if unknown:

@@ -221,7 +221,7 @@ def search(
     """Score every candidate of ``grid`` on ``data``; return them all and the best recipe."""
     from transformers import AutoTokenizer
 
-    from mergekit_fisher.method import register_methods
+    from mergekit_fisher.methods import register_methods
 
     register_methods()
     started = time.perf_counter()

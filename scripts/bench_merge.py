@@ -27,7 +27,7 @@ which the merge reads) are the meaningful figure.
 On a machine shared with other jobs, pass ``--threads 1``: with several torch threads a busy
 neighbour core makes runs flip between fast and 3-4x slower ones. ``--fisher-kernel
 FILE.py:FUNCTION`` runs ``fisher`` with a prototype kernel, to measure a change to
-``method.py`` before making it.
+``methods/fisher.py`` before making it.
 """
 
 from __future__ import annotations
@@ -339,7 +339,7 @@ def _swap_fisher_kernel(spec: str) -> None:
     """Replace the registered ``fisher`` kernel by ``FILE.py:FUNCTION`` (to A/B a prototype)."""
     import importlib.util
 
-    from mergekit_fisher.method import FISHER
+    from mergekit_fisher.methods.fisher import FISHER
 
     path, _, function = spec.rpartition(":")
     module_spec = importlib.util.spec_from_file_location("bench_fisher_kernel", path)
@@ -359,7 +359,7 @@ def child_main(job: dict[str, Any]) -> None:
     from mergekit.config import MergeConfiguration
     from mergekit.options import MergeOptions
 
-    import mergekit_fisher.method  # noqa: F401  (registers `fisher`, as the .pth hook would)
+    import mergekit_fisher.methods  # noqa: F401  (registers `fisher`, as the .pth hook would)
 
     if job.get("fisher_kernel"):
         _swap_fisher_kernel(job["fisher_kernel"])
@@ -650,7 +650,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--fisher-kernel",
         metavar="FILE.py:FUNCTION",
-        help="run `fisher` with this kernel instead of method.py's (to measure a prototype)",
+        help="run `fisher` with this kernel instead of methods/fisher.py's (to measure a prototype)",
     )
     p.add_argument(
         "--profile",

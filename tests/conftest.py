@@ -163,7 +163,7 @@ def run_recipe(recipe: dict[str, Any], out: Path, **options: Any) -> dict[str, t
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    import mergekit_fisher.method  # noqa: F401  (registers `fisher`)
+    import mergekit_fisher.methods  # noqa: F401  (registers `fisher`)
 
     run_merge(
         MergeConfiguration.model_validate(recipe),

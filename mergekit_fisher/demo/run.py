@@ -261,7 +261,7 @@ def merge(config: Mapping[str, Any] | str, out: Path) -> list[str]:
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    from mergekit_fisher.method import register_methods
+    from mergekit_fisher.methods import register_methods
 
     register_methods()
     text = config if isinstance(config, str) else recipe_text(config)

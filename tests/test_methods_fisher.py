@@ -39,18 +39,18 @@ def _fresh_cache():  # type: ignore[no-untyped-def]
 def kernel_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     """Both CPU paths of the kernel: whole tensors, and blocks of rows (with a chunk so small
     that tiny tensors span many blocks, a ragged last one included)."""
-    from mergekit_fisher import method
+    from mergekit_fisher.methods import common, fisher
 
     calls = []
     if request.param == "rows":
-        merge_by_rows = method._merge_by_rows
+        merge_by_rows = fisher._merge_by_rows
 
         def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
             calls.append(1)
             return merge_by_rows(*args, **kwargs)
 
-        monkeypatch.setattr(method, "CHUNK_ELEMENTS", 37)
-        monkeypatch.setattr(method, "_merge_by_rows", counted)
+        monkeypatch.setattr(common, "CHUNK_ELEMENTS", 37)
+        monkeypatch.setattr(fisher, "_merge_by_rows", counted)
     yield request.param
     assert bool(calls) == (request.param == "rows")
 
@@ -486,7 +486,7 @@ def test_kernel_is_thread_safe(kernel_path: str, tmp_path: Path, tiny_llama_pair
 
     from mergekit.merge_methods import merge_tensors
 
-    from mergekit_fisher.method import FISHER
+    from mergekit_fisher.methods.fisher import FISHER
 
     models = list(tiny_llama_pair)
     stores = [make_store(m, tmp_path / f"f{i}", seed=i) for i, m in enumerate(models)]

@@ -162,8 +162,7 @@ def test_regmean_factorizes_each_shared_input_once(
     tmp_path: Path, tiny_llama_pair, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]
     """q/k/v (and gate/up) reuse one cached factorization; the cache is empty afterwards."""
-    import mergekit_fisher.method  # noqa: F401  (imports regmean without a cycle)
-    from mergekit_fisher import regmean
+    from mergekit_fisher.methods import regmean
 
     models = list(tiny_llama_pair)
     stores = [make_gram_store(m, tmp_path / f"g{i}", seed=i) for i, m in enumerate(models)]
@@ -186,8 +185,8 @@ def test_regmean_factorizes_each_shared_input_once(
         torch.testing.assert_close(merged[name].double(), ref[name], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("first", ["regmean", "method"])
-def test_either_module_imported_first_registers_both(first: str) -> None:
+@pytest.mark.parametrize("first", ["methods.regmean", "methods.fisher", "methods.common"])
+def test_any_methods_module_imported_first_registers_all(first: str) -> None:
     import os
     import subprocess
     import sys

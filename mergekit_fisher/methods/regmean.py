@@ -32,12 +32,11 @@ from mergekit.merge_methods import (
 )
 from pydantic import Field
 
-from mergekit_fisher.method import (
+from mergekit_fisher.methods.common import (
     check_binding,
     compute_dtype,
     note_averaged,
     recipe_weights,
-    register_methods,
     store_for,
     weighted_average,
 )
@@ -46,6 +45,7 @@ from mergekit_fisher.store import FisherStore
 LOG = logging.getLogger(__name__)
 
 PARAMETERS = ("weight", "gram", "alpha")
+"""Every recipe parameter ``regmean`` understands (the pre-flight refuses others)."""
 MAX_CACHED_INPUTS = 8
 """Factorizations kept at most (bounds memory when a recipe merges only some consumers)."""
 
@@ -195,5 +195,3 @@ REGMEAN = merge_method(
     reference_url="https://arxiv.org/abs/2212.09849",
     contract=InputContract(base=BasePolicy.OPTIONAL, min_inputs=1),
 )
-
-register_methods()
