@@ -23,7 +23,7 @@ import click
 from mergekit.config import MergeConfiguration
 
 from mergekit_fisher.errors import user_error
-from mergekit_fisher.methods import RECIPE_METHODS
+from mergekit_fisher.methods import RECIPE_METHODS, STORELESS_BASE
 from mergekit_fisher.methods.common import RecipeError, open_model_store, take_averaged_report
 from mergekit_fisher.store import FisherStore
 
@@ -63,12 +63,12 @@ def _fisher_refs(value: Any) -> list[str]:
     return [str(value)]
 
 
-def _inputs(config: MergeConfiguration) -> list[tuple[str, dict[str, Any]]]:
-    """Each merge input's model path and its own parameters (base_model included)."""
+def _inputs(config: MergeConfiguration, with_base: bool) -> list[tuple[str, dict[str, Any]]]:
+    """Each merge input's model path and its own parameters (base_model too if ``with_base``)."""
     inputs: dict[str, dict[str, Any]] = {}
     for model in config.models or []:
         inputs[model.model.model.path] = dict(model.parameters or {})
-    if config.models and config.base_model is not None:
+    if with_base and config.models and config.base_model is not None:
         inputs.setdefault(config.base_model.model.path, {})
     slices = list(config.slices or [])
     for module in (config.modules or {}).values():
@@ -94,7 +94,7 @@ def check_recipe(config: MergeConfiguration) -> list[ServedModel]:
             )
     shared = _fisher_refs((config.parameters or {}).get(key))
     served = []
-    for model, params in _inputs(config):
+    for model, params in _inputs(config, config.merge_method not in STORELESS_BASE):
         for ref in dict.fromkeys(_fisher_refs(params.get(key)) or shared or [None]):
             store = open_model_store(model, ref, key)
             served.append(ServedModel(model, str(ref), store))

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 from mergekit.merge_methods import MergeMethod, register, registered_methods
 
-from mergekit_fisher.methods import fisher, regmean
+from mergekit_fisher.methods import fisher, fisher_arithmetic, regmean
 
 
 class Method(NamedTuple):
@@ -21,17 +21,26 @@ class Method(NamedTuple):
     method: MergeMethod  # as built by mergekit's ``merge_method``
     parameters: tuple[str, ...]  # every recipe parameter it accepts
     store: str  # the parameter that names each input's store
+    base_store: bool = True  # whether the base model needs one too (task-vector methods: no)
 
 
 REGISTRY: tuple[Method, ...] = (
     Method(fisher.FISHER, fisher.PARAMETERS, store="fisher"),
     Method(regmean.REGMEAN, regmean.PARAMETERS, store="gram"),
+    Method(
+        fisher_arithmetic.FISHER_ARITHMETIC,
+        fisher_arithmetic.PARAMETERS,
+        store="fisher",
+        base_store=False,
+    ),
 )
 
 RECIPE_METHODS: dict[str, tuple[tuple[str, ...], str]] = {
     m.method.spec.name: (m.parameters, m.store) for m in REGISTRY
 }
 """merge_method name -> (the recipe parameters it accepts, the parameter naming each store)."""
+STORELESS_BASE = frozenset(m.method.spec.name for m in REGISTRY if not m.base_store)
+"""Methods whose ``base_model`` is the origin of the task vectors and needs no store."""
 
 
 def register_methods() -> None:

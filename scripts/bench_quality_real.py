@@ -1,0 +1,261 @@
+"""Merge quality on a real pretrained LLM: SmolLM2-135M-Instruct experts on four chat tasks.
+
+For each seed: fully fine-tune one expert per task from the base (gentle: 30 steps at lr 5e-5,
+batch 16, as community experts are made), estimate each expert's stores on its own calibration
+split, merge 2 experts (acronym + max) and 4 experts (all tasks) with every method we ship and
+mergekit's own at their documented defaults (weight 1; density 0.5 where a method trims), and
+score every model by greedy exact match and answer loss on held-out problems. Normalized exact
+match = each task's exact match / its expert's, averaged over the merged tasks (1.0: every
+expert kept whole).
+
+Everything is cached under --workdir by seed (experts, stores, one JSON line per scored model),
+so an interrupted run resumes and new rows cost only their own merges. Tasks, splits and fine-tune
+settings were fixed before any merge was scored (mergekit_fisher/demo/chat_tasks.py).
+
+    python scripts/bench_quality_real.py --workdir /tmp/real --seeds 0 1 2
+    python scripts/bench_quality_real.py --workdir /tmp/real --report   # tables from the cache
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergekit_fisher.demo import chat_model, chat_tasks, smollm2
+
+LOG = logging.getLogger("bench_quality_real")
+
+SETTINGS = {"2 experts": ("acronym", "max"), "4 experts": ("acronym", "max", "pick", "reverse")}
+MERGEKIT_ROWS = (
+    "linear",
+    "task_arithmetic",
+    "ties",
+    "dare_ties",
+    "della",
+    "karcher",
+    "model_stock",
+)
+OUR_ROWS = ("fisher", "fisher_nodes", "regmean", "fisher_arithmetic", "fisher_arithmetic_nodes")
+TRIMS = {"ties": 0.5, "dare_ties": 0.5, "della": 0.5}
+"""Density of the trimming methods: mergekit's default (1.0) trims nothing, so its README's 0.5."""
+STORES = {
+    "fisher": "full",
+    "fisher_nodes": "nodes",
+    "regmean": "gram",
+    "fisher_arithmetic": "full",
+    "fisher_arithmetic_nodes": "nodes",
+}
+SIZES = {"train": 480, "calib": 64, "valid": 32, "eval": 100}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--workdir", type=Path, required=True, help="cache of experts, stores, scores")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--rows", nargs="+", default=[*MERGEKIT_ROWS, *OUR_ROWS])
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--steps", type=int, default=30, help="fine-tune steps per expert")
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--report", action="store_true", help="only print the tables from the cache")
+    return p.parse_args(argv)
+
+
+class Bench:
+    """One seed's cached experiment: data, experts, stores, merges, scores."""
+
+    def __init__(self, args: argparse.Namespace, seed: int):
+        from transformers import AutoTokenizer
+
+        self.args, self.seed = args, seed
+        self.root = args.workdir / f"seed{seed}"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.base = smollm2.model_dir(args.workdir / "cache")
+        self.tokenizer = AutoTokenizer.from_pretrained(self.base)
+        self.scores_file = self.root / "scores.jsonl"
+
+    def data(self, task: str, split: str) -> Path:
+        path = self.root / "data" / f"{task}-{split}.jsonl"
+        if not path.exists():
+            items = chat_tasks.problems(task, split, SIZES[split], seed=self.seed)
+            chat_tasks.write_jsonl(items, path)
+        return path
+
+    def expert(self, task: str) -> Path:
+        out = self.root / f"expert-{task}"
+        if (out / "config.json").exists():
+            return out
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(self.base, dtype=torch.float32)
+        model.to(self.args.device)
+        items = chat_tasks.problems(task, "train", SIZES["train"], seed=self.seed)
+        examples = chat_model.tokenize(self.tokenizer, items, self.root)
+        settings = chat_model.FinetuneSettings(steps=self.args.steps, lr=self.args.lr)
+        chat_model.finetune(model, examples, settings, self.seed, self.tokenizer.pad_token_id, task)
+        tmp = out.with_name(out.name + ".partial")
+        model.save_pretrained(tmp)  # float32: a gentle fine-tune's task vector is below bf16's ulp
+        self.tokenizer.save_pretrained(tmp)
+        tmp.rename(out)
+        return out
+
+    def store(self, task: str, kind: str) -> Path:
+        out = self.root / f"store-{task}-{kind}"
+        if (out / "fisher_config.json").exists():
+            return out
+        from mergekit_fisher import estimate_fisher
+
+        statistic = {"statistic": "gram"} if kind == "gram" else {"granularity": kind}
+        estimate_fisher(
+            model=str(self.expert(task)),
+            data=[str(self.data(task, "calib"))],
+            out=str(out),
+            max_length=128,
+            batch_size=8,
+            seed=self.seed,
+            device=self.args.device,
+            overwrite=True,
+            progress=False,
+            **statistic,
+        )
+        return out
+
+    def recipe(self, row: str, tasks: Sequence[str]) -> dict[str, Any]:
+        experts = [str(self.expert(t)) for t in tasks]
+        method = row.removesuffix("_nodes")
+        key = "gram" if method == "regmean" else "fisher"
+        models = []
+        for task, expert in zip(tasks, experts):
+            params: dict[str, Any] = {"weight": 1.0}
+            if row in STORES:
+                params[key] = str(self.store(task, STORES[row]))
+            if row in TRIMS:
+                params["density"] = TRIMS[row]
+            models.append({"model": expert, "parameters": params})
+        recipe: dict[str, Any] = {"merge_method": method, "models": models, "dtype": "float32"}
+        if method not in ("linear", "karcher", "fisher", "regmean"):
+            recipe["base_model"] = str(self.base)
+        return recipe
+
+    def done(self) -> dict[tuple[str, str], dict[str, Any]]:
+        if not self.scores_file.exists():
+            return {}
+        rows = [json.loads(line) for line in self.scores_file.read_text().splitlines() if line]
+        return {(r["setting"], r["row"]): r for r in rows}
+
+    def score(self, setting: str, row: str, model_dir: Path, seconds: float = 0.0) -> None:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model.to(self.args.device)
+        tasks = SETTINGS[setting]
+        result: dict[str, Any] = {"setting": setting, "row": row, "merge_seconds": seconds}
+        for task in tasks:
+            items = chat_tasks.problems(task, "eval", SIZES["eval"])
+            s = chat_model.score(model, self.tokenizer, items, self.root)
+            result[task] = {"accuracy": s.accuracy, "loss": s.loss, "n": s.n}
+        with self.scores_file.open("a") as f:
+            f.write(json.dumps(result) + "\n")
+        LOG.info(
+            "seed %d %s %s: %s",
+            self.seed,
+            setting,
+            row,
+            {t: round(result[t]["accuracy"], 3) for t in tasks},
+        )
+
+    def run(self) -> None:
+        from mergekit_fisher.demo.run import merge
+
+        done = self.done()
+        for setting in self.args.settings:
+            tasks = SETTINGS[setting]
+            if (setting, "base") not in done:
+                self.score(setting, "base", self.base)
+            for task in tasks:
+                if (setting, f"expert {task}") not in done:
+                    self.score(setting, f"expert {task}", self.expert(task))
+            for row in self.args.rows:
+                if (setting, row) in done:
+                    continue
+                recipe = self.recipe(row, tasks)
+                out = self.root / "merged"
+                shutil.rmtree(out, ignore_errors=True)
+                started = time.perf_counter()
+                merge(recipe, out)
+                self.score(setting, row, out, time.perf_counter() - started)
+                shutil.rmtree(out, ignore_errors=True)
+
+
+def normalized(
+    result: dict[str, Any], experts: dict[str, dict[str, Any]], tasks: Sequence[str]
+) -> float:
+    """Mean over tasks of accuracy / the task's expert's accuracy on it."""
+    return statistics.fmean(
+        result[t]["accuracy"] / max(experts[t][t]["accuracy"], 1e-9) for t in tasks
+    )
+
+
+def report(args: argparse.Namespace) -> str:
+    """Markdown tables: per setting, each row's normalized EM (mean ± std over seeds), per task."""
+    lines = []
+    for setting, tasks in SETTINGS.items():
+        per_row: dict[str, list[float]] = {}
+        per_task: dict[str, dict[str, list[float]]] = {}
+        for seed in args.seeds:
+            path = args.workdir / f"seed{seed}" / "scores.jsonl"
+            if not path.exists():
+                continue
+            results = {
+                r["row"]: r
+                for r in map(json.loads, path.read_text().splitlines())
+                if r["setting"] == setting
+            }
+            experts = {t: results.get(f"expert {t}") for t in tasks}
+            if any(v is None for v in experts.values()):
+                continue
+            for row, result in results.items():
+                per_row.setdefault(row, []).append(normalized(result, experts, tasks))  # type: ignore[arg-type]
+                for t in tasks:
+                    per_task.setdefault(row, {}).setdefault(t, []).append(result[t]["accuracy"])
+        if not per_row:
+            continue
+        seeds = len(next(iter(per_row.values())))
+        lines += [
+            f"\n### {setting} ({', '.join(tasks)}; {seeds} seed(s))\n",
+            "| model | " + " | ".join(f"EM {t}" for t in tasks) + " | norm EM |",
+            "| --- |" + " ---: |" * (len(tasks) + 1),
+        ]
+        for row in sorted(per_row, key=lambda r: -statistics.fmean(per_row[r])):
+            values = per_row[row]
+            spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
+            cells = [f"{statistics.fmean(per_task[row][t]):.2f}" for t in tasks]
+            lines.append(
+                f"| {row} | " + " | ".join(cells) + f" | {statistics.fmean(values):.3f}{spread} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    if not args.report:
+        for seed in args.seeds:
+            Bench(args, seed).run()
+    print(report(args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
