@@ -244,6 +244,29 @@ def test_report_is_saved_before_the_chart_and_survives_no_matplotlib(
     )
 
 
+def test_demo_command_prints_the_report_and_where_it_went(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mergekit_fisher.demo import run
+
+    seen = {}
+
+    def fake_run_demo(out: str, settings: object) -> dict:  # type: ignore[type-arg]
+        seen["settings"] = settings
+        return {"chart": None, "skipped": ["a note"]}
+
+    monkeypatch.setattr(run, "run_demo", fake_run_demo)
+    monkeypatch.setattr("mergekit_fisher.demo.report.format_table", lambda report: "TABLE")
+    out = str(tmp_path / "o")
+    result = CliRunner().invoke(main, ["demo", "--out", out, "--seeds", "2", "--regime", "close"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("TABLE\nskipped: a note\nreport: ")
+    assert (
+        f"report: {out}/report.json  wall time: " in result.output and "chart:" not in result.output
+    )
+    assert seen["settings"].seeds == 2 and seen["settings"].regimes == ("close",)
+
+
 def test_demo_command_help() -> None:
     result = CliRunner().invoke(main, ["demo", "--help"])
     assert result.exit_code == 0
