@@ -200,22 +200,10 @@ def demo_command(out: str, seeds: int, regime: str, keep_models: bool, verbose: 
     fisher anchored on the base (fixed and searched) and regmean; and evaluates every model on
     held-out problems (mean ± std over seeds). Details: docs/demo.md.
     """
-    import time
-
     _setup_logging(verbose)
-    start = time.perf_counter()
-    from mergekit_fisher.demo.run import REGIMES, DemoSettings, format_table, run_demo
+    from mergekit_fisher.demo.run import run_from_cli
 
-    regimes = REGIMES if regime == "both" else (regime,)
-    settings = DemoSettings(seeds=seeds, regimes=regimes, keep_models=keep_models)
-    report = run_demo(out, settings)
-    click.echo(format_table(report))
-    for note in report["skipped"]:
-        click.echo(f"skipped: {note}")
-    click.echo(
-        f"report: {out}/report.json  chart: {out}/chart.png  "
-        f"wall time: {time.perf_counter() - start:.0f} s"
-    )
+    click.echo(run_from_cli(out, seeds, regime, keep_models))
 
 
 @main.command("estimate")

@@ -2,11 +2,11 @@
 """Merge benchmark: mergekit's ``linear`` vs our ``fisher`` (and ``regmean``) on the same models.
 
 Writes synthetic Llama-shaped models (random weights, sharded safetensors + ``config.json``)
-and full-size Fisher stores bound to them, then runs the methods through mergekit's real
-pipeline (``run_merge``), each merge in a fresh child process, interleaved and repeated. For
-each method it prints the merge wall time, CPU time, bytes read and peak RSS, then the
-method/linear ratios with PASS/FAIL against the goals (fisher: wall <= 2.2x, peak RSS <= 1.5x,
-bytes read <= 2x; regmean: wall <= 3x).
+and full-size Fisher stores bound to them (``bench_models.py``), then runs the methods through
+mergekit's real pipeline (``run_merge``), each merge in a fresh child process, interleaved and
+repeated. For each method it prints the merge wall time, CPU time, bytes read and peak RSS,
+then the method/linear ratios with PASS/FAIL against the goals (fisher: wall <= 2.2x, peak RSS
+<= 1.5x, bytes read <= 2x; regmean: wall <= 3x).
 
     python scripts/bench_merge.py                       # ~0.5B parameters, bf16, 2 models
     python scripts/bench_merge.py --params 0.1B --repeats 5 --json results.json
@@ -47,6 +47,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from bench_models import PRESETS, input_files, prepare_workdir, tensor_shapes
+
 GOAL_WALL = 2.2
 GOAL_RSS = 1.5
 GOAL_BYTES = 2.0
@@ -60,215 +62,6 @@ METHODS = ("linear", "fisher")
 STORE_OF = {"fisher": ("fisher", "fisher"), "regmean": ("gram", "gram")}
 """Per method, its recipe parameter and the prefix of its store directories."""
 RESULT_MARK = "@@BENCH_RESULT@@"
-MANIFEST = "bench_manifest.json"
-
-# name: (hidden, layers, intermediate, vocab, heads)
-PRESETS: dict[str, tuple[int, int, int, int, int]] = {
-    "tiny": (128, 2, 384, 1024, 4),
-    "0.1B": (512, 12, 2048, 32000, 8),
-    "0.5B": (1024, 24, 4096, 50304, 16),
-    "1B": (2048, 16, 5632, 32000, 32),
-}
-
-
-# --------------------------------------------------------------------------- synthetic models
-
-
-def tensor_shapes(args: argparse.Namespace) -> dict[str, tuple[int, ...]]:
-    """Every weight of an untied Llama checkpoint with these dimensions, in module order."""
-    h, i, v = args.hidden, args.intermediate, args.vocab
-    kv = args.kv_heads * (h // args.heads)
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
-    for layer in range(args.layers):
-        p = f"model.layers.{layer}."
-        shapes[p + "input_layernorm.weight"] = (h,)
-        shapes[p + "self_attn.q_proj.weight"] = (h, h)
-        shapes[p + "self_attn.k_proj.weight"] = (kv, h)
-        shapes[p + "self_attn.v_proj.weight"] = (kv, h)
-        shapes[p + "self_attn.o_proj.weight"] = (h, h)
-        shapes[p + "post_attention_layernorm.weight"] = (h,)
-        shapes[p + "mlp.gate_proj.weight"] = (i, h)
-        shapes[p + "mlp.up_proj.weight"] = (i, h)
-        shapes[p + "mlp.down_proj.weight"] = (h, i)
-    shapes["model.norm.weight"] = (h,)
-    shapes["lm_head.weight"] = (v, h)
-    return shapes
-
-
-def spec_of(args: argparse.Namespace) -> dict[str, Any]:
-    """What the generated files depend on (compared by ``--reuse``)."""
-    return {
-        "hidden": args.hidden,
-        "layers": args.layers,
-        "intermediate": args.intermediate,
-        "vocab": args.vocab,
-        "heads": args.heads,
-        "kv_heads": args.kv_heads,
-        "models": args.models,
-        "seed": args.seed,
-        "model_shard_size": args.model_shard_size,
-        "store_shard_size": args.store_shard_size,
-    }
-
-
-def write_model(out: Path, args: argparse.Namespace, weights: dict[str, Any]) -> None:
-    """``config.json`` plus ``model.safetensors`` (or shards + index), bf16."""
-    from transformers import LlamaConfig
-
-    from mergekit_fisher.store import write_safetensors
-
-    out.mkdir(parents=True, exist_ok=True)
-    LlamaConfig(
-        architectures=["LlamaForCausalLM"],
-        hidden_size=args.hidden,
-        num_hidden_layers=args.layers,
-        intermediate_size=args.intermediate,
-        vocab_size=args.vocab,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        tie_word_embeddings=False,
-        dtype="bfloat16",
-    ).to_json_file(str(out / "config.json"))
-    write_safetensors(weights, out, "model", args.model_shard_size)
-
-
-def generate(workdir: Path, args: argparse.Namespace) -> None:
-    """Write ``--models`` random models and their full-size bf16 Fisher stores."""
-    import torch
-
-    from mergekit_fisher.store import write_store
-
-    shapes = tensor_shapes(args)
-    for m in range(args.models):
-        t0 = time.perf_counter()
-        gen = torch.Generator().manual_seed(args.seed * 1000 + m)
-        weights: dict[str, torch.Tensor] = {}
-        fisher: dict[str, torch.Tensor] = {}
-        for name, shape in shapes.items():
-            w = torch.randn(shape, generator=gen).mul_(0.02)
-            if len(shape) == 1:  # norm weights: around 1, as trained ones are
-                w.add_(1.0)
-            weights[name] = w.to(torch.bfloat16)
-            del w
-            # Non-negative, spanning several orders of magnitude like a real diagonal Fisher.
-            f = torch.rand(shape, generator=gen).pow_(4).mul_(1e-3)
-            fisher[name] = f.to(torch.bfloat16)
-            del f
-        model_dir = workdir / f"model_{m}"
-        store_dir = workdir / f"fisher_{m}"
-        write_model(model_dir, args, weights)
-        write_store(
-            store_dir,
-            fisher,
-            weights=weights,
-            model=str(model_dir),
-            store_dtype=torch.bfloat16,
-            shard_size=args.store_shard_size,
-            overwrite=True,
-            estimator={"mode": "synthetic", "note": "random values from scripts/bench_merge.py"},
-        )
-        del weights, fisher
-        for path in input_files(model_dir) + input_files(store_dir):
-            with open(path, "rb+") as fh:  # flushed to disk so that --cold can evict it
-                os.fsync(fh.fileno())
-        print(f"  wrote model_{m} + fisher_{m} in {time.perf_counter() - t0:.1f} s", flush=True)
-
-
-def gram_inputs(args: argparse.Namespace) -> dict[str, str]:
-    """Each linear weight's Gram key: one per distinct input (q/k/v and gate/up share one)."""
-    consumers = {}
-    for name, shape in tensor_shapes(args).items():
-        if len(shape) != 2 or "embed_tokens" in name:
-            continue
-        key = name.removesuffix(".weight")
-        for group, members in (
-            ("qkv", ("q_proj", "k_proj", "v_proj")),
-            ("gate_up", ("gate_proj", "up_proj")),
-        ):
-            for member in members:
-                key = key.replace(member, group)
-        consumers[name] = key + ".input"
-    return consumers
-
-
-def generate_grams(workdir: Path, args: argparse.Namespace) -> None:
-    """A float32 Gram store per model: a random SPD ``A A^T / n + 0.01 I`` per input."""
-    import torch
-    from safetensors import safe_open
-
-    from mergekit_fisher.store import write_store
-
-    consumers = gram_inputs(args)
-    shapes = tensor_shapes(args)
-    for m in range(args.models):
-        t0 = time.perf_counter()
-        gen = torch.Generator().manual_seed(args.seed * 1000 + 500 + m)
-        grams: dict[str, torch.Tensor] = {}
-        for name, key in consumers.items():
-            if key not in grams:
-                dim = shapes[name][1]
-                a = torch.randn(dim, 256, generator=gen)
-                grams[key] = (a @ a.T).div_(256).add_(torch.eye(dim), alpha=0.01)
-        model_dir = workdir / f"model_{m}"
-        weights = {}
-        for path in input_files(model_dir):
-            with safe_open(str(path), framework="pt") as handle:
-                names = set(handle.keys()) & set(consumers)
-                weights.update({n: handle.get_tensor(n) for n in names})
-        store_dir = workdir / f"gram_{m}"
-        write_store(
-            store_dir,
-            grams,
-            weights=weights,
-            model=str(model_dir),
-            statistic="gram",
-            consumers=consumers,
-            store_dtype=torch.float32,
-            shard_size=args.store_shard_size,
-            overwrite=True,
-            estimator={"mode": "synthetic", "note": "random SPD Grams from scripts/bench_merge.py"},
-        )
-        del grams, weights
-        for path in input_files(store_dir):
-            with open(path, "rb+") as fh:
-                os.fsync(fh.fileno())
-        print(f"  wrote gram_{m} in {time.perf_counter() - t0:.1f} s", flush=True)
-
-
-def input_files(directory: Path) -> list[Path]:
-    """The safetensors files of a model or store directory (what a merge reads)."""
-    return sorted(directory.glob("*.safetensors"))
-
-
-def prepare_workdir(workdir: Path, args: argparse.Namespace) -> None:
-    """Generate the inputs unless ``--reuse`` finds a complete, matching set."""
-    manifest = workdir / MANIFEST
-    record: dict[str, Any] | None = None
-    if args.reuse and manifest.exists():
-        try:
-            record = json.loads(manifest.read_text())
-        except json.JSONDecodeError:
-            record = None
-        if record is not None and record.get("spec") == spec_of(args):
-            print(f"reusing synthetic models and stores in {workdir}", flush=True)
-        else:
-            print("workdir holds other inputs: regenerating", flush=True)
-            record = None
-    if record is None:
-        manifest.unlink(missing_ok=True)
-        for m in range(args.models):
-            for sub in (f"model_{m}", f"fisher_{m}", f"gram_{m}"):
-                shutil.rmtree(workdir / sub, ignore_errors=True)
-        print(f"writing {args.models} synthetic models + Fisher stores to {workdir}", flush=True)
-        generate(workdir, args)
-        record = {"spec": spec_of(args)}
-        manifest.write_text(json.dumps(record, indent=2))
-    if "regmean" in args.methods and not record.get("grams"):
-        print(f"writing {args.models} synthetic Gram stores to {workdir}", flush=True)
-        generate_grams(workdir, args)
-        record["grams"] = True
-        manifest.write_text(json.dumps(record, indent=2))
-
 
 # --------------------------------------------------------------------------- child process
 
@@ -680,6 +473,69 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def plan_inputs(
+    workdir: Path, args: argparse.Namespace
+) -> tuple[list[str], dict[str, list[str]], dict[str, int], list[Path]]:
+    """(model dirs, store dirs per method, logical bytes each method reads, every input file)."""
+    models = [str(workdir / f"model_{m}") for m in range(args.models)]
+    stores = {
+        method: [str(workdir / f"{STORE_OF[method][1]}_{m}") for m in range(args.models)]
+        for method in args.methods[1:]
+    }
+    files = {"linear": [f for m in models for f in input_files(Path(m))]}
+    for method, dirs in stores.items():
+        files[method] = files["linear"] + [f for d in dirs for f in input_files(Path(d))]
+    logical = {k: sum(f.stat().st_size for f in v) for k, v in files.items()}
+    every_file = sorted({f for v in files.values() for f in v})
+    return models, stores, logical, every_file
+
+
+def run_schedule(
+    args: argparse.Namespace,
+    workdir: Path,
+    models: list[str],
+    stores: dict[str, list[str]],
+    every_file: list[Path],
+) -> list[dict[str, Any]]:
+    """Every warm-up and timed merge, interleaved; returns the timed runs' measurements."""
+    runs: list[dict[str, Any]] = []
+    profile_left = args.profile is not None
+    for r, method in schedule(args.repeats, args.warmup, args.methods):
+        out = workdir / f"out_{method}"
+        shutil.rmtree(out, ignore_errors=True)
+        if args.cold:
+            evict(every_file)
+        job = {
+            "method": method,
+            "models": models,
+            "stores": stores.get(method, []),
+            "out": str(out),
+            "dtype": args.dtype,
+            "out_dtype": args.out_dtype,
+            "out_shard_size": args.out_shard_size,
+            "threads": args.threads,
+            "cuda": args.cuda,
+            "profile": None,
+            "fisher_kernel": args.fisher_kernel if method == "fisher" else None,
+        }
+        if method == "fisher" and profile_left:
+            job["profile"] = str(args.profile.resolve())
+            profile_left = False
+        result = run_child(job)
+        result["repeat"] = r
+        shutil.rmtree(out, ignore_errors=True)
+        if r >= 0:
+            runs.append(result)
+        tag = "warm-up" if r < 0 else f"{r + 1}/{args.repeats}"
+        print(
+            f"  [{tag}] {method:6s} merge {result['merge_s']:7.2f} s  "
+            f"cpu {result['cpu_s']:7.2f} s  VmHWM {_gib(result['vmhwm'])} GiB  "
+            f"(anon {_gib(result['peak_anon'])}, file {_gib(result['peak_file'])})",
+            flush=True,
+        )
+    return runs
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.child is not None:
@@ -704,53 +560,10 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         prepare_workdir(workdir, args)
         print(f"inputs ready in {time.perf_counter() - t0:.1f} s", flush=True)
-        models = [str(workdir / f"model_{m}") for m in range(args.models)]
-        stores = {
-            method: [str(workdir / f"{STORE_OF[method][1]}_{m}") for m in range(args.models)]
-            for method in args.methods[1:]
-        }
-        files = {"linear": [f for m in models for f in input_files(Path(m))]}
-        for method, dirs in stores.items():
-            files[method] = files["linear"] + [f for d in dirs for f in input_files(Path(d))]
-        logical = {k: sum(f.stat().st_size for f in v) for k, v in files.items()}
-        every_file = sorted({f for v in files.values() for f in v})
+        models, stores, logical, every_file = plan_inputs(workdir, args)
         if not args.cold:
             prefetch(every_file)
-        runs: list[dict[str, Any]] = []
-        profile_left = args.profile is not None
-        for r, method in schedule(args.repeats, args.warmup, args.methods):
-            out = workdir / f"out_{method}"
-            shutil.rmtree(out, ignore_errors=True)
-            if args.cold:
-                evict(every_file)
-            job = {
-                "method": method,
-                "models": models,
-                "stores": stores.get(method, []),
-                "out": str(out),
-                "dtype": args.dtype,
-                "out_dtype": args.out_dtype,
-                "out_shard_size": args.out_shard_size,
-                "threads": args.threads,
-                "cuda": args.cuda,
-                "profile": None,
-                "fisher_kernel": args.fisher_kernel if method == "fisher" else None,
-            }
-            if method == "fisher" and profile_left:
-                job["profile"] = str(args.profile.resolve())
-                profile_left = False
-            result = run_child(job)
-            result["repeat"] = r
-            shutil.rmtree(out, ignore_errors=True)
-            if r >= 0:
-                runs.append(result)
-            tag = "warm-up" if r < 0 else f"{r + 1}/{args.repeats}"
-            print(
-                f"  [{tag}] {method:6s} merge {result['merge_s']:7.2f} s  "
-                f"cpu {result['cpu_s']:7.2f} s  VmHWM {_gib(result['vmhwm'])} GiB  "
-                f"(anon {_gib(result['peak_anon'])}, file {_gib(result['peak_file'])})",
-                flush=True,
-            )
+        runs = run_schedule(args, workdir, models, stores, every_file)
         summary = summarize(runs, logical, args.methods)
         print()
         print(report(summary))

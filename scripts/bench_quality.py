@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("mergekit_fisher").setLevel(logging.INFO)
-    from mergekit_fisher.demo.run import format_table, run_demo
+    from mergekit_fisher.demo.report import format_report
+    from mergekit_fisher.demo.run import run_demo
 
     start = time.perf_counter()
     report = run_demo(args.out, settings_from(args))
@@ -124,9 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         device = f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
-    print(format_table(report))
-    for note in report["skipped"]:
-        print(f"skipped: {note}")
+    print(format_report(report))
     print(f"device: {device}; command: {' '.join(['python', *sys.argv])}")
     print(
         f"wall time: {time.perf_counter() - start:.0f} s; report: {Path(args.out) / 'report.json'}"

@@ -120,7 +120,8 @@ def test_recipes_are_valid_mergekit_configs(tmp_path: Path) -> None:
     import yaml
     from mergekit.config import MergeConfiguration
 
-    from mergekit_fisher.demo.run import MERGES, SPECS, recipe, recipe_text
+    from mergekit_fisher.demo.rows import MERGES, SPECS
+    from mergekit_fisher.demo.run import recipe, recipe_text
 
     base, a, b = (tmp_path / n for n in ("base", "a", "b"))
     stores = {
@@ -162,7 +163,7 @@ def test_mixture_alternates_and_truncates() -> None:
 
 
 def _summary(norm: dict[str, list[float]]) -> tuple[dict, list[dict]]:  # type: ignore[type-arg]
-    from mergekit_fisher.demo.run import summarize
+    from mergekit_fisher.demo.report import summarize
 
     n = len(next(iter(norm.values())))
     seeds = []
@@ -178,7 +179,7 @@ def _summary(norm: dict[str, list[float]]) -> tuple[dict, list[dict]]:  # type: 
 
 
 def test_verdict_is_honest_whoever_wins() -> None:
-    from mergekit_fisher.demo.run import verdict
+    from mergekit_fisher.demo.report import verdict
 
     norm = {
         "base": [0.4, 0.4, 0.4],
@@ -206,6 +207,66 @@ def test_verdict_is_honest_whoever_wins() -> None:
     assert v["seeds_ahead_of_linear"] == {"fisher+base": 0, "regmean": 0}
 
 
+@pytest.mark.parametrize("matplotlib", [True, False], ids=["with", "without"])
+def test_report_is_saved_before_the_chart_and_survives_no_matplotlib(
+    matplotlib: bool,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`pip install mergekit-fisher` has no matplotlib: the demo must still write report.json."""
+    import sys
+
+    from mergekit_fisher.demo.report import format_report, regime_part, save
+
+    norm = {"base": [0.4], "expert add": [0.5], "expert rev": [0.5], "linear": [0.3]}
+    summary, seeds = _summary(norm)
+    part = regime_part(seeds, list(summary), {"steps": 10, "lr": 1e-3}, "close")
+    report = {
+        "tasks": [{"name": t.name} for t in TASKS],
+        "seeds": [{"seed": 0}],
+        "regimes": {"close": part},
+        "skipped": ["fisher (nodes): the estimator does not implement it"],
+    }
+    if not matplotlib:
+        monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now fails
+    save(report, tmp_path)
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["regimes"]["close"]["verdict"]["best"] == "linear"
+    assert (tmp_path / "chart.png").exists() == matplotlib
+    assert (
+        saved["chart"] == report["chart"] == (str(tmp_path / "chart.png") if matplotlib else None)
+    )
+    hint = 'pip install "mergekit-fisher[demo]"'
+    assert (hint in caplog.text) != matplotlib
+    assert format_report(report).endswith(
+        "skipped: fisher (nodes): the estimator does not implement it"
+    )
+
+
+def test_demo_command_prints_the_report_and_where_it_went(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mergekit_fisher.demo import run
+
+    seen = {}
+
+    def fake_run_demo(out: str, settings: object) -> dict:  # type: ignore[type-arg]
+        seen["settings"] = settings
+        return {"chart": None, "skipped": ["a note"]}
+
+    monkeypatch.setattr(run, "run_demo", fake_run_demo)
+    monkeypatch.setattr("mergekit_fisher.demo.report.format_table", lambda report: "TABLE")
+    out = str(tmp_path / "o")
+    result = CliRunner().invoke(main, ["demo", "--out", out, "--seeds", "2", "--regime", "close"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("TABLE\nskipped: a note\nreport: ")
+    assert (
+        f"report: {out}/report.json  wall time: " in result.output and "chart:" not in result.output
+    )
+    assert seen["settings"].seeds == 2 and seen["settings"].regimes == ("close",)
+
+
 def test_demo_command_help() -> None:
     result = CliRunner().invoke(main, ["demo", "--help"])
     assert result.exit_code == 0
@@ -227,14 +288,9 @@ def _estimator_available() -> bool:
 
 @pytest.mark.skipif(not _estimator_available(), reason="mergekit_fisher.estimate_fisher missing")
 def test_reduced_demo_end_to_end(tmp_path: Path) -> None:
-    from mergekit_fisher.demo.run import (
-        MERGES,
-        REGIMES,
-        DemoSettings,
-        format_table,
-        model_rows,
-        run_demo,
-    )
+    from mergekit_fisher.demo.report import format_table
+    from mergekit_fisher.demo.rows import MERGES, model_rows
+    from mergekit_fisher.demo.run import REGIMES, DemoSettings, run_demo
     from mergekit_fisher.demo.train import TrainSettings
 
     settings = DemoSettings(

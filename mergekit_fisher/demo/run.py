@@ -21,18 +21,17 @@ Per seed, on CPU (docs/demo.md has the numbers and the reasons):
 Every setting below was fixed before any merge was evaluated, from training curves and the
 ``valid`` split only; the evaluation split is never used to choose anything (the coefficient
 search scores candidates on ``valid``). The verdict reports, per regime, the best merge, its
-margin over ``linear`` and where the unmerged base stands, whatever the outcome.
+margin over ``linear`` and where the unmerged base stands, whatever the outcome (``report``
+makes the summaries, verdicts, tables and chart; ``rows`` says how each merge row is made).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import platform
 import shutil
-import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -42,51 +41,15 @@ from typing import Any
 import torch
 
 from mergekit_fisher.demo.evaluate import TaskScore, evaluate
+from mergekit_fisher.demo.report import format_report, normalized, regime_part, save
+from mergekit_fisher.demo.rows import SPECS, model_rows
 from mergekit_fisher.demo.tasks import TASKS, Problem, make_tokenizer, sample_problems, write_jsonl
 from mergekit_fisher.demo.train import ModelSize, TrainSettings, build_model, train
 
-__all__ = [
-    "MERGES",
-    "REGIMES",
-    "DemoSettings",
-    "MergeSpec",
-    "format_table",
-    "model_rows",
-    "recipe",
-    "run_demo",
-]
+__all__ = ["REGIMES", "DemoSettings", "recipe", "run_demo", "run_from_cli"]
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class MergeSpec:
-    """How one merge row is made.
-
-    ``store``: the per-expert store it reads (``full``/``nodes`` Fisher, ``gram``), or none.
-    ``anchored``: the base takes part as one more Fisher-weighted input (its own store).
-    ``searched``: coefficients chosen by ``mergekit_fisher.search`` on the ``valid`` split.
-    """
-
-    method: str
-    store: str = ""
-    anchored: bool = False
-    searched: bool = False
-
-
-SPECS: dict[str, MergeSpec] = {
-    "linear": MergeSpec("linear"),
-    "task_arithmetic": MergeSpec("task_arithmetic"),
-    "ties": MergeSpec("ties"),
-    "fisher (full)": MergeSpec("fisher", "full"),
-    "fisher (searched)": MergeSpec("fisher", "full", searched=True),
-    "fisher (nodes)": MergeSpec("fisher", "nodes"),
-    "fisher+base": MergeSpec("fisher", "full", anchored=True),
-    "fisher+base (searched)": MergeSpec("fisher", "full", anchored=True, searched=True),
-    "regmean": MergeSpec("regmean", "gram"),
-}
-MERGES = tuple(SPECS)
-"""Merge rows, in table order; ``fisher (nodes)`` is dropped when the estimator lacks nodes."""
 
 REGIMES = ("close", "forget")
 """``close``: experts a short, gentle fine-tune away from the base; ``forget``: experts trained
@@ -133,16 +96,6 @@ class DemoSettings:
         if regime not in REGIMES:
             raise ValueError(f"unknown regime {regime!r}: one of {', '.join(REGIMES)}")
         return self.close if regime == "close" else self.forget
-
-
-def model_rows(granularities: Sequence[str] = ("full", "nodes")) -> list[str]:
-    """Table rows: base, one expert per task, then every merge."""
-    merges = [
-        row
-        for row, spec in SPECS.items()
-        if spec.store not in ("full", "nodes") or spec.store in granularities
-    ]
-    return ["base", *(f"expert {t.name}" for t in TASKS), *merges]
 
 
 def _slug(row: str) -> str:
@@ -353,6 +306,20 @@ class _Clock:
         self._last = now
 
 
+@dataclass
+class _SeedData:
+    """What every regime of one seed shares: the trained base, its Fisher store, the data files
+    and the evaluation problems."""
+
+    seed: int
+    base: torch.nn.Module
+    base_dir: Path
+    base_store: Path
+    calib_files: dict[str, Path]
+    held_out: Path
+    evals: dict[str, list[Problem]]
+
+
 def run_seed(
     seed: int, root: Path, settings: DemoSettings, granularities: list[str]
 ) -> dict[str, Any]:
@@ -375,10 +342,34 @@ def run_seed(
     clock.lap("train_base")
     base_scores = _scores(base, evals, device)
     clock.lap("evaluate_base")
+    shared = _seed_data(seed, root, settings, base, base_dir, evals)
+    clock.lap("estimate_base")
 
-    # Calibration data (per task, train split) and the held-out data of the search (valid
-    # split), shared by the regimes; the base's Fisher is on an even mixture of the experts'
-    # calibration data, the same total size.
+    regimes: dict[str, Any] = {}
+    for regime in settings.regimes:
+        t0 = time.perf_counter()
+        regimes[regime] = _run_regime(regime, root / regime, settings, granularities, shared)
+        regimes[regime]["scores"]["base"] = {t: asdict(s) for t, s in base_scores.items()}
+        regimes[regime]["final_train_loss"]["base"] = round(base_curve[-1], 5)
+        regimes[regime]["wall_time_s"] = round(time.perf_counter() - t0, 2)
+        _order_scores(regimes[regime])
+    if not settings.keep_models:
+        for sub in ("models", "fishers"):
+            shutil.rmtree(root / sub, ignore_errors=True)
+    return {"seed": seed, "shared_timings_s": clock.timings, "regimes": regimes}
+
+
+def _seed_data(
+    seed: int,
+    root: Path,
+    settings: DemoSettings,
+    base: torch.nn.Module,
+    base_dir: Path,
+    evals: dict[str, list[Problem]],
+) -> _SeedData:
+    """Calibration data (per task, train split) and the held-out data of the search (valid
+    split), shared by the regimes, and the base's Fisher on an even mixture of the experts'
+    calibration data, the same total size."""
     calib = {
         t.name: sample_problems(t, "train", settings.calib_size, seed, "calibration") for t in TASKS
     }
@@ -399,341 +390,133 @@ def run_seed(
     base_store = _estimate(
         base_dir, base_calib, root / "fishers" / "base-full", "full", settings, seed
     )
-    clock.lap("estimate_base")
-
-    regimes: dict[str, Any] = {}
-    for regime in settings.regimes:
-        t0 = time.perf_counter()
-        regimes[regime] = _run_regime(
-            regime,
-            seed,
-            root / regime,
-            settings,
-            granularities,
-            base,
-            base_dir,
-            base_store,
-            calib_files,
-            held_out,
-            evals,
-        )
-        regimes[regime]["scores"]["base"] = {t: asdict(s) for t, s in base_scores.items()}
-        regimes[regime]["final_train_loss"]["base"] = round(base_curve[-1], 5)
-        regimes[regime]["wall_time_s"] = round(time.perf_counter() - t0, 2)
-        _order_scores(regimes[regime])
-    if not settings.keep_models:
-        for sub in ("models", "fishers"):
-            shutil.rmtree(root / sub, ignore_errors=True)
-    return {"seed": seed, "shared_timings_s": clock.timings, "regimes": regimes}
+    return _SeedData(seed, base, base_dir, base_store, calib_files, held_out, evals)
 
 
 def _order_scores(part: dict[str, Any]) -> None:
     """Put the base first in the per-seed scores (it is evaluated once, before the regimes)."""
     scores = part["scores"]
     part["scores"] = {"base": scores.pop("base"), **scores}
-    part["normalized_accuracy"] = _normalized(part["scores"])
+    part["normalized_accuracy"] = normalized(part["scores"])
 
 
 def _run_regime(
-    regime: str,
-    seed: int,
-    root: Path,
-    settings: DemoSettings,
-    granularities: list[str],
-    base: torch.nn.Module,
-    base_dir: Path,
-    base_store: Path,
-    calib_files: Mapping[str, Path],
-    held_out: Path,
-    evals: dict[str, list[Problem]],
+    regime: str, root: Path, settings: DemoSettings, granularities: list[str], shared: _SeedData
 ) -> dict[str, Any]:
     """Experts, their stores, every merge and every evaluation of one regime of one seed."""
-    device = settings.device
-    clock = _Clock()
-    scores: dict[str, dict[str, TaskScore]] = {}
-    curves: dict[str, list[float]] = {}
-    experts: list[Path] = []
-    for task in TASKS:
-        logger.info("seed %d, %s: fine-tuning expert %s", seed, regime, task.name)
-        expert = copy.deepcopy(base)
-        curves[f"expert {task.name}"] = train(
-            expert,
-            [task],
-            settings.expert_training(regime),
-            seed,
-            f"expert-{task.name}",
-            device,
-        )
-        experts.append(_save(expert, root / "models" / f"expert-{task.name}"))
-        clock.lap("train_experts")
-        scores[f"expert {task.name}"] = _scores(expert, evals, device)
-        clock.lap("evaluate")
-        del expert
-
-    stores: dict[str, list[Path]] = {"base": [base_store]}
-    for kind in [*granularities, "gram"]:
-        found: list[Path] = []
-        try:
-            for task, expert_dir in zip(TASKS, experts):
-                logger.info(
-                    "seed %d, %s: estimating %s of expert %s", seed, regime, kind, task.name
-                )
-                out = root / "fishers" / f"{kind}-{task.name}"
-                found.append(
-                    _estimate(expert_dir, calib_files[task.name], out, kind, settings, seed)
-                )
-        except Exception as error:
-            if kind != "nodes" or not _nodes_unavailable(error):
-                raise
-            logger.warning("skipping fisher (nodes): the estimator says %s", error)
-            granularities.remove(kind)
-            continue
-        finally:
-            clock.lap("estimate")
-        stores[kind] = found
-
-    merges: dict[str, dict[str, Any]] = {}
-    searches: dict[str, dict[str, Any]] = {}
-    for row in model_rows(granularities)[1 + len(TASKS) :]:
-        config = recipe(row, base_dir, experts, stores, settings.ties_density)
-        if SPECS[row].searched:
-            logger.info("seed %d, %s: searching %s on the valid split", seed, regime, row)
-            config, searches[row] = _search(
-                config, held_out, root / "search" / _slug(row), settings
-            )
-            clock.lap("search")
-        slug = _slug(row)
-        recipe_path = root / "recipes" / f"{slug}.yml"
-        recipe_path.parent.mkdir(parents=True, exist_ok=True)
-        recipe_path.write_text(recipe_text(config))
-        logger.info("seed %d, %s: merging with %s", seed, regime, row)
-        out = root / "merges" / slug
-        files = merge(config, out)
-        clock.lap("merge")
-        merged = _load(out, device)
-        scores[row] = _scores(merged, evals, device)
-        clock.lap("evaluate")
-        del merged
-        merges[row] = {"recipe": str(recipe_path), "output": str(out), "files": files}
-
+    run = _RegimeRun(regime, root, settings, shared)
+    experts, curves = run.train_experts()
+    stores = run.estimate_stores(experts, granularities)
+    merges, searches = run.merge_rows(experts, stores, granularities)
     if not settings.keep_models:
         for sub in ("models", "fishers", "merges", "search"):
             shutil.rmtree(root / sub, ignore_errors=True)
     return {
-        "seed": seed,
+        "seed": shared.seed,
         "scores": {
-            row: {t: asdict(s) for t, s in by_task.items()} for row, by_task in scores.items()
+            row: {t: asdict(s) for t, s in by_task.items()} for row, by_task in run.scores.items()
         },
         "merges": merges,
         "search": searches,
         "final_train_loss": {k: round(v[-1], 5) for k, v in curves.items()},
-        "timings_s": clock.timings,
+        "timings_s": run.clock.timings,
     }
 
 
-def _normalized(scores: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
-    """Each row's accuracy on each task over that task's expert's, averaged over the tasks."""
-    out = {}
-    for row, by_task in scores.items():
-        ratios = []
-        for t in TASKS:
-            expert = scores[f"expert {t.name}"][t.name]["accuracy"]
-            ratios.append(by_task[t.name]["accuracy"] / expert if expert > 0 else 0.0)
-        out[row] = sum(ratios) / len(ratios)
-    return out
+@dataclass
+class _RegimeRun:
+    """The steps of one regime of one seed; collects scores and stage timings as it goes."""
 
+    regime: str
+    root: Path
+    settings: DemoSettings
+    shared: _SeedData
+    clock: _Clock = field(default_factory=_Clock)
+    scores: dict[str, dict[str, TaskScore]] = field(default_factory=dict)
 
-# --------------------------------------------------------------------------------------------
-# Aggregation, verdict, table, chart
+    def _log(self, message: str, *args: object) -> None:
+        logger.info("seed %d, %s: " + message, self.shared.seed, self.regime, *args)
 
+    def _evaluate(self, row: str, model: torch.nn.Module) -> None:
+        self.scores[row] = _scores(model, self.shared.evals, self.settings.device)
+        self.clock.lap("evaluate")
 
-def _spread(values: Sequence[float]) -> dict[str, Any]:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return {"mean": statistics.fmean(values), "std": std, "values": list(values)}
+    def train_experts(self) -> tuple[list[Path], dict[str, list[float]]]:
+        """One expert per task, fine-tuned from the base, saved and evaluated."""
+        curves: dict[str, list[float]] = {}
+        experts: list[Path] = []
+        for task in TASKS:
+            self._log("fine-tuning expert %s", task.name)
+            expert = copy.deepcopy(self.shared.base)
+            curves[f"expert {task.name}"] = train(
+                expert,
+                [task],
+                self.settings.expert_training(self.regime),
+                self.shared.seed,
+                f"expert-{task.name}",
+                self.settings.device,
+            )
+            experts.append(_save(expert, self.root / "models" / f"expert-{task.name}"))
+            self.clock.lap("train_experts")
+            self._evaluate(f"expert {task.name}", expert)
+            del expert
+        return experts, curves
 
+    def estimate_stores(
+        self, experts: list[Path], granularities: list[str]
+    ) -> dict[str, list[Path]]:
+        """Each store kind for every expert, plus the base's; drops ``nodes`` (from
+        ``granularities`` too) when the estimator does not implement it."""
+        stores: dict[str, list[Path]] = {"base": [self.shared.base_store]}
+        for kind in [*granularities, "gram"]:
+            found: list[Path] = []
+            try:
+                for task, expert_dir in zip(TASKS, experts):
+                    self._log("estimating %s of expert %s", kind, task.name)
+                    out = self.root / "fishers" / f"{kind}-{task.name}"
+                    calib = self.shared.calib_files[task.name]
+                    found.append(
+                        _estimate(expert_dir, calib, out, kind, self.settings, self.shared.seed)
+                    )
+            except Exception as error:
+                if kind != "nodes" or not _nodes_unavailable(error):
+                    raise
+                logger.warning("skipping fisher (nodes): the estimator says %s", error)
+                granularities.remove(kind)
+                continue
+            finally:
+                self.clock.lap("estimate")
+            stores[kind] = found
+        return stores
 
-def summarize(per_seed: Sequence[dict[str, Any]], rows: Sequence[str]) -> dict[str, Any]:
-    """Mean, sample standard deviation and per-seed values of every metric of every row."""
-    summary: dict[str, Any] = {}
-    for row in rows:
-        metrics: dict[str, Any] = {}
-        for t in TASKS:
-            for metric in ("accuracy", "loss"):
-                values = [s["scores"][row][t.name][metric] for s in per_seed]
-                metrics[f"{metric}_{t.name}"] = _spread(values)
-        metrics["normalized_accuracy"] = _spread([s["normalized_accuracy"][row] for s in per_seed])
-        summary[row] = metrics
-    return summary
-
-
-def verdict(
-    summary: dict[str, Any], per_seed: Sequence[dict[str, Any]], regime: str = ""
-) -> dict[str, Any]:
-    """The best merge by mean normalized accuracy, its margin over ``linear``, the seeds in
-    which each merge beat ``linear``, and where the unmerged base stands."""
-    merges = [row for row in summary if row in SPECS]
-    mean = {row: summary[row]["normalized_accuracy"]["mean"] for row in merges}
-    ranked = sorted(merges, key=lambda row: -mean[row])
-    best = ranked[0]
-    n = len(per_seed)
-    wins = {
-        row: sum(
-            s["normalized_accuracy"][row] > s["normalized_accuracy"]["linear"] for s in per_seed
-        )
-        for row in merges
-        if row != "linear"
-    }
-    margin = mean[best] - mean["linear"]
-    std = summary[best]["normalized_accuracy"]["std"]
-    runner_up = ranked[1] if len(ranked) > 1 else best
-
-    def ahead(row: str, other: str) -> int:
-        """Seeds in which ``row`` beat ``other`` (paired: same seed, same experts)."""
-        return sum(
-            s["normalized_accuracy"][row] > s["normalized_accuracy"][other] for s in per_seed
-        )
-
-    head = f"{regime}: " if regime else ""
-    if best == "linear":
-        text = (
-            f"{head}linear won: mean normalized accuracy {mean['linear']:.3f} ± {std:.3f}, "
-            f"{mean['linear'] - mean[runner_up]:.3f} ahead of {runner_up} ({mean[runner_up]:.3f}; "
-            f"ahead of it in {ahead(best, runner_up)}/{n} seeds)"
-        )
-    else:
-        text = (
-            f"{head}{best} won: mean normalized accuracy {mean[best]:.3f} ± {std:.3f} vs linear "
-            f"{mean['linear']:.3f} ({margin:+.3f}; ahead of linear in {wins[best]}/{n} seeds; "
-            f"runner-up {runner_up} {mean[runner_up]:.3f}, {best} ahead of it in "
-            f"{ahead(best, runner_up)}/{n} seeds)"
-        )
-    others = [
-        f"{row} {mean[row]:.3f} ({mean[row] - mean['linear']:+.3f}, {wins[row]}/{n})"
-        for row in ranked
-        if row not in (best, "linear")
-    ]
-    if others:
-        text += "; others vs linear (seeds ahead): " + ", ".join(others)
-    base = summary["base"]["normalized_accuracy"]["mean"]
-    above = [row for row in ranked if mean[row] > base]
-    relation = "above" if mean[best] > base else "below" if mean[best] < base else "level with"
-    text += (
-        f"; the unmerged base scores {base:.3f} ({best} is {relation} it, ahead in "
-        f"{ahead(best, 'base')}/{n} seeds; {len(above)}/{len(merges)} merges are above it)"
-    )
-    return {
-        "best": best,
-        "best_mean": mean[best],
-        "linear_mean": mean["linear"],
-        "base_mean": base,
-        "margin_over_linear": margin,
-        "seeds_ahead_of_linear": wins,
-        "runner_up": runner_up,
-        "seeds_ahead_of_runner_up": ahead(best, runner_up),
-        "seeds_ahead_of_base": ahead(best, "base"),
-        "merges_above_base": above,
-        "ranking": ranked,
-        "text": text,
-    }
-
-
-def _table(summary: Mapping[str, Any], names: Sequence[str]) -> list[str]:
-    headers = ["model", *(f"acc {n}" for n in names), *(f"loss {n}" for n in names), "norm acc"]
-    keys = [
-        *(f"accuracy_{n}" for n in names),
-        *(f"loss_{n}" for n in names),
-        "normalized_accuracy",
-    ]
-    body = []
-    for row, metrics in summary.items():
-        cells = [f"{metrics[k]['mean']:.3f} ± {metrics[k]['std']:.3f}" for k in keys]
-        body.append([row, *cells])
-    widths = [max(len(r[i]) for r in [headers, *body]) for i in range(len(headers))]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in body]
-    return lines
-
-
-def _search_lines(part: Mapping[str, Any]) -> list[str]:
-    """Which coefficients each search chose in each seed (and whether at the grid's edge)."""
-    lines = []
-    for row in SPECS:
-        runs = [(s["seed"], s["search"][row]) for s in part["seeds"] if row in s.get("search", {})]
-        if not runs:
-            continue
-        records = [r for _, r in runs]
-        chosen = ", ".join(f"seed {seed}: {r['best']['weights']}" for seed, r in runs)
-        edges = sum(r["at_grid_edge"] for r in records)
-        models = " / ".join(records[0]["models"])
-        lines.append(
-            f"search for {row} (weights {models}; valid loss, grid {records[0]['grid']}): "
-            f"{chosen}; at the grid's edge in {edges}/{len(records)} seeds"
-        )
-    return lines
-
-
-def format_table(report: dict[str, Any]) -> str:
-    """The demo's result tables (one per regime, mean ± std over seeds) and verdicts."""
-    names = [t["name"] for t in report["tasks"]]
-    lines: list[str] = []
-    for regime, part in report["regimes"].items():
-        training = part["expert_training"]
-        lines.append(
-            f"== regime {regime}: experts fine-tuned {training['steps']} steps at lr "
-            f"{training['lr']:g} from the base =="
-        )
-        lines += _table(part["summary"], names)
-        lines += _search_lines(part)
-        lines.append(f"verdict: {part['verdict']['text']}")
-        lines.append("")
-    seeds = len(report["seeds"])
-    lines.append(
-        f"mean ± std over {seeds} seed{'s' * (seeds != 1)}; norm acc = accuracy on each task / "
-        "that task's expert's (same regime and seed), averaged over the tasks"
-    )
-    return "\n".join(lines)
-
-
-def chart(report: dict[str, Any], path: Path) -> Path:
-    """Grouped bars per regime (accuracy per task and normalized accuracy, std error bars)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [t["name"] for t in report["tasks"]]
-    series = [(f"accuracy_{n}", f"accuracy {n}") for n in names]
-    series.append(("normalized_accuracy", "normalized accuracy"))
-    width = 0.8 / len(series)
-    parts = report["regimes"]
-    widest = max(len(p["summary"]) for p in parts.values())
-    fig, axes = plt.subplots(
-        len(parts), 1, figsize=(max(8.0, 1.1 * widest), 4.2 * len(parts)), squeeze=False
-    )
-    seeds = len(report["seeds"])
-    for ax, (regime, part) in zip(axes[:, 0], parts.items()):
-        summary = part["summary"]
-        rows = list(summary)
-        for i, (key, label) in enumerate(series):
-            xs = [r + (i - (len(series) - 1) / 2) * width for r in range(len(rows))]
-            means = [summary[row][key]["mean"] for row in rows]
-            stds = [summary[row][key]["std"] for row in rows]
-            ax.bar(xs, means, width, yerr=stds, capsize=3, label=label)
-        ax.set_xticks(range(len(rows)))
-        ax.set_xticklabels(rows, rotation=20, ha="right")
-        ax.set_ylabel("exact-match accuracy")
-        ax.set_ylim(0, max(1.15, *(summary[r]["normalized_accuracy"]["mean"] + 0.1 for r in rows)))
-        training = part["expert_training"]
-        ax.set_title(
-            f"regime {regime} (experts: {training['steps']} steps at lr {training['lr']:g}); "
-            f"{seeds} seeds, mean ± std"
-        )
-        ax.legend(loc="upper left", ncols=len(series), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    def merge_rows(
+        self, experts: list[Path], stores: dict[str, list[Path]], granularities: list[str]
+    ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+        """Every merge row (searched rows after their search), each merged and evaluated;
+        returns (what each merge wrote, each search's record)."""
+        merges: dict[str, dict[str, Any]] = {}
+        searches: dict[str, dict[str, Any]] = {}
+        for row in model_rows(granularities)[1 + len(TASKS) :]:
+            config = recipe(row, self.shared.base_dir, experts, stores, self.settings.ties_density)
+            slug = _slug(row)
+            if SPECS[row].searched:
+                self._log("searching %s on the valid split", row)
+                config, searches[row] = _search(
+                    config, self.shared.held_out, self.root / "search" / slug, self.settings
+                )
+                self.clock.lap("search")
+            recipe_path = self.root / "recipes" / f"{slug}.yml"
+            recipe_path.parent.mkdir(parents=True, exist_ok=True)
+            recipe_path.write_text(recipe_text(config))
+            self._log("merging with %s", row)
+            out = self.root / "merges" / slug
+            files = merge(config, out)
+            self.clock.lap("merge")
+            merged = _load(out, self.settings.device)
+            self._evaluate(row, merged)
+            del merged
+            merges[row] = {"recipe": str(recipe_path), "output": str(out), "files": files}
+        return merges, searches
 
 
 def _versions() -> dict[str, str]:
@@ -792,14 +575,8 @@ def run_demo(
         # A granularity dropped mid-run leaves earlier seeds with rows later ones lack: keep
         # the rows every seed has.
         rows = [r for r in model_rows(granularities) if all(r in s["scores"] for s in seeds)]
-        summary = summarize(seeds, rows)
-        regimes[regime] = {
-            "expert_training": asdict(settings.expert_training(regime)),
-            "rows": rows,
-            "seeds": seeds,
-            "summary": summary,
-            "verdict": verdict(summary, seeds, regime),
-        }
+        training = asdict(settings.expert_training(regime))
+        regimes[regime] = regime_part(seeds, rows, training, regime)
     skipped = [
         f"fisher ({g}): the estimator does not implement it"
         for g in settings.granularities
@@ -814,6 +591,18 @@ def run_demo(
         "versions": versions,
     }
     report["wall_time_s"] = round(time.perf_counter() - start, 2)
-    report["chart"] = str(chart(report, out / "chart.png"))
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    save(report, out)
     return report
+
+
+def run_from_cli(out: str, seeds: int, regime: str, keep_models: bool) -> str:
+    """``mergekit-fisher demo``: run the documented demo and return what the command prints
+    (tables, verdicts, skipped rows, where the report went)."""
+    start = time.perf_counter()
+    regimes = REGIMES if regime == "both" else (regime,)
+    report = run_demo(out, DemoSettings(seeds=seeds, regimes=regimes, keep_models=keep_models))
+    chart = f"  chart: {report['chart']}" if report["chart"] else ""
+    return (
+        f"{format_report(report)}\nreport: {out}/report.json{chart}  "
+        f"wall time: {time.perf_counter() - start:.0f} s"
+    )

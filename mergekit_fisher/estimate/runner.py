@@ -251,21 +251,67 @@ def estimate_fisher(
     the written store (``None`` on ranks other than 0 under torchrun). Raises
     :class:`EstimateError` (a ``FisherError``) for bad inputs, before anything is written.
     """
-    from mergekit_fisher import __version__
-    from mergekit_fisher.data import CalibrationData, load_calibration_data
-    from mergekit_fisher.store import DEFAULT_SHARD_SIZE, check_out_dir, write_store
+    config = _settle_config(config, overrides)
+    out = Path(out)
+    ckpt_dir = _check_out(out, config)
+    ctx = distributed.init_from_env(use_cuda=config.device != "cpu" and torch.cuda.is_available())
+    try:
+        device = _resolve_device(config, ctx)
+        ref, loaded, dtype = _identify_model(model, config, device)
+        calib = _calibration(data, ref, tokenizer, config)
+        if loaded is None:
+            loaded = _load_model(ref, config, device, dtype, ctx)
+        run = _start_run(loaded, ref, calib, config, ctx, ckpt_dir)
+        seconds = _accumulate(run, config, ctx, callback)
+        counts = _reduce(run, ctx)
+        store = _write(out, run, config, ctx, counts, seconds) if ctx.is_main else None
+        distributed.barrier(ctx)
+        return store
+    finally:
+        distributed.shutdown(ctx)
 
-    config = (
-        (config or EstimateConfig()).with_(**overrides)
-        if overrides
-        else (config or EstimateConfig())
-    )
+
+@dataclass
+class _Run:
+    """One rank's share of an estimate: what it processes, what it has tallied so far (restored
+    from a checkpoint on resume), and where its checkpoints go."""
+
+    model: nn.Module
+    ref: str
+    dtype: torch.dtype
+    calib: CalibrationData
+    collector: Any
+    order: list[int]
+    key: str
+    ckpt_dir: Path
+    start: int = 0
+    counted: int = 0
+    tokens: int = 0
+    batches: int = 0
+    skipped: list[int] = field(default_factory=list)
+
+    @property
+    def sources(self) -> str:
+        return ", ".join(self.calib.sources)
+
+
+def _settle_config(config: EstimateConfig | None, overrides: dict[str, Any]) -> EstimateConfig:
+    """``config`` with keyword overrides applied; warns about a lossy Gram store dtype."""
+    config = config or EstimateConfig()
+    if overrides:
+        config = config.with_(**overrides)
     if config.statistic == "gram" and config.stored_as == "bfloat16":
         LOG.warning(
             "--store-dtype bfloat16 for Gram matrices: rounding can make an ill-conditioned Gram "
             "indefinite and spoil the regmean solve (alpha 1 above all); float32 is the default"
         )
-    out = Path(out)
+    return config
+
+
+def _check_out(out: Path, config: EstimateConfig) -> Path:
+    """Refuse an output (or a leftover checkpoint) we may not touch; returns the checkpoint dir."""
+    from mergekit_fisher.store import check_out_dir
+
     check_out_dir(out, overwrite=config.overwrite)
     ckpt_dir = checkpoint.checkpoint_dir(out)
     if checkpoint.exists(ckpt_dir) and not config.resume and not config.overwrite:
@@ -273,206 +319,247 @@ def estimate_fisher(
             f"{ckpt_dir} holds a checkpoint of an interrupted run: pass --resume to continue "
             "it, or --overwrite to start over"
         )
+    return ckpt_dir
 
-    ctx = distributed.init_from_env(use_cuda=config.device != "cpu" and torch.cuda.is_available())
+
+def _identify_model(
+    model: str | os.PathLike[str] | nn.Module, config: EstimateConfig, device: torch.device
+) -> tuple[str, nn.Module | None, torch.dtype]:
+    """(name recorded in the store, the model if already loaded, the dtype to load it in)."""
+    if isinstance(model, nn.Module):
+        ref = getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
+        return str(ref), model, next(model.parameters()).dtype
+    default = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return os.fspath(model), None, parse_dtype(config.dtype) if config.dtype else default
+
+
+def _calibration(
+    data: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | CalibrationData,
+    ref: str,
+    tokenizer: Any,
+    config: EstimateConfig,
+) -> CalibrationData:
+    """The calibration examples, tokenized with ``tokenizer`` (default: the model's own)."""
+    from mergekit_fisher.data import CalibrationData, load_calibration_data
+
+    if isinstance(data, CalibrationData):
+        return data
+    if tokenizer is None:
+        tokenizer = _load_tokenizer(ref, config)
+    sources = (
+        [os.fspath(data)] if isinstance(data, (str, os.PathLike)) else [os.fspath(s) for s in data]
+    )
+    return load_calibration_data(
+        sources,
+        tokenizer,
+        max_length=config.max_length,
+        num_samples=config.num_samples,
+        text_field=config.text_field,
+        split=config.split,
+        pack=config.pack,
+    )
+
+
+def _start_run(
+    model: nn.Module,
+    ref: str,
+    calib: CalibrationData,
+    config: EstimateConfig,
+    ctx: distributed.DistContext,
+    ckpt_dir: Path,
+) -> _Run:
+    """Prepare the model and collector, pick this rank's examples, and resume if asked."""
+    dtype = next(model.parameters()).dtype
+    prepare_model(model, config)
+    collector = make_collector(model, BatchState(), config)
+    examples = calib.examples
+    key = run_hash(
+        config,
+        model=ref,
+        revision=config.revision,
+        data=calib.fingerprint,
+        dtype=str(dtype),
+        world_size=ctx.world_size,
+        num_examples=len(examples),
+    )
+    order = _order(examples)[ctx.rank :: ctx.world_size]
+    run = _Run(model, ref, dtype, calib, collector, order, key, ckpt_dir)
+    if config.resume and checkpoint.exists(ckpt_dir):
+        saved = checkpoint.load(ckpt_dir, ctx.rank, ctx.world_size, key)
+        for name, acc in collector.accumulators.items():
+            acc.copy_(saved["accumulators"][name].to(acc.device))
+        run.start, run.counted, run.tokens = saved["position"], saved["counted"], saved["tokens"]
+        run.batches, run.skipped = saved["batches"], list(saved["skipped"])
+        LOG.info("resuming from %s: %d of %d examples done", ckpt_dir, run.start, len(order))
+    elif config.overwrite and ctx.is_main:
+        checkpoint.remove(ckpt_dir)
+    return run
+
+
+def _accumulate(
+    run: _Run,
+    config: EstimateConfig,
+    ctx: distributed.DistContext,
+    callback: Callable[[Progress], None] | None,
+) -> float:
+    """Run this rank's batches from ``run.start``, with progress and checkpoints; seconds taken.
+    Fails on every rank if any rank failed."""
+    examples = run.calib.examples
+    total_tokens = sum(len(examples[i].input_ids) for i in run.order)
+    done_tokens = sum(len(examples[i].input_ids) for i in run.order[: run.start])
+    bar = _progress_bar(config, ctx, total_tokens, done_tokens)
+
+    def describe(index: int) -> str:
+        return f"example {index} (0-based) of {run.sources}"
+
+    def on_batch(position: int, outcome: BatchOutcome, width: int) -> None:
+        run.counted += outcome.counted
+        run.tokens += outcome.tokens
+        run.batches += 1
+        run.skipped.extend(outcome.skipped)
+        if bar is not None:
+            bar.update(width)
+        if config.checkpoint_every and run.batches % config.checkpoint_every == 0:
+            _save_checkpoint(run, ctx, position)
+        if callback is not None:
+            callback(Progress(run.batches, position, run.tokens, len(run.order)))
+
+    began = time.perf_counter()
+    ok = False
     try:
-        device = _resolve_device(config, ctx)
-        if isinstance(model, nn.Module):
-            loaded = model
-            ref = str(
-                getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
-            )
-            dtype = next(model.parameters()).dtype
-        else:
-            ref = os.fspath(model)
-            default = torch.bfloat16 if device.type == "cuda" else torch.float32
-            dtype = parse_dtype(config.dtype) if config.dtype else default
-            loaded = None
-        if isinstance(data, CalibrationData):
-            calib = data
-        else:
-            if tokenizer is None:
-                tokenizer = _load_tokenizer(ref, config)
-            sources = (
-                [os.fspath(data)]
-                if isinstance(data, (str, os.PathLike))
-                else [os.fspath(s) for s in data]
-            )
-            calib = load_calibration_data(
-                sources,
-                tokenizer,
-                max_length=config.max_length,
-                num_samples=config.num_samples,
-                text_field=config.text_field,
-                split=config.split,
-                pack=config.pack,
-            )
-        if loaded is None:
-            loaded = _load_model(ref, config, device, dtype, ctx)
-        model = loaded
-        dtype = next(model.parameters()).dtype
-        state = BatchState()
-        prepare_model(model, config)
-        collector = make_collector(model, state, config)
-
-        examples = calib.examples
-        order = _order(examples)[ctx.rank :: ctx.world_size]
-        key = run_hash(
+        compute_fisher(
+            run.model,
+            examples,
             config,
-            model=ref,
-            revision=config.revision,
-            data=calib.fingerprint,
-            dtype=str(dtype),
-            world_size=ctx.world_size,
-            num_examples=len(examples),
+            indices=run.order,
+            start=run.start,
+            collector=run.collector,
+            on_batch=on_batch,
+            describe=describe,
         )
-        start = counted = tokens = batches = 0
-        skipped: list[int] = []
-        if config.resume and checkpoint.exists(ckpt_dir):
-            saved = checkpoint.load(ckpt_dir, ctx.rank, ctx.world_size, key)
-            for name, acc in collector.accumulators.items():
-                acc.copy_(saved["accumulators"][name].to(acc.device))
-            start, counted, tokens = saved["position"], saved["counted"], saved["tokens"]
-            batches, skipped = saved["batches"], list(saved["skipped"])
-            LOG.info("resuming from %s: %d of %d examples done", ckpt_dir, start, len(order))
-        elif config.overwrite and ctx.is_main:
-            checkpoint.remove(ckpt_dir)
-
-        total_tokens = sum(len(examples[i].input_ids) for i in order)
-        done_tokens = sum(len(examples[i].input_ids) for i in order[:start])
-        bar = _progress_bar(config, ctx, total_tokens, done_tokens)
-        sources = ", ".join(calib.sources)
-        tally = {"counted": counted, "tokens": tokens, "batches": batches}
-
-        def describe(index: int) -> str:
-            return f"example {index} (0-based) of {sources}"
-
-        def on_batch(position: int, outcome: BatchOutcome, width: int) -> None:
-            tally["counted"] += outcome.counted
-            tally["tokens"] += outcome.tokens
-            tally["batches"] += 1
-            skipped.extend(outcome.skipped)
-            if bar is not None:
-                bar.update(width)
-            if config.checkpoint_every and tally["batches"] % config.checkpoint_every == 0:
-                checkpoint.save(
-                    ckpt_dir,
-                    ctx.rank,
-                    ctx.world_size,
-                    {
-                        "hash": key,
-                        "position": position,
-                        "counted": tally["counted"],
-                        "tokens": tally["tokens"],
-                        "batches": tally["batches"],
-                        "skipped": skipped,
-                        "accumulators": collector.accumulators,
-                    },
-                )
-            if callback is not None:
-                callback(Progress(tally["batches"], position, tally["tokens"], len(order)))
-
-        began = time.perf_counter()
-        ok = False
-        try:
-            result = compute_fisher(
-                model,
-                examples,
-                config,
-                indices=order,
-                start=start,
-                collector=collector,
-                on_batch=on_batch,
-                describe=describe,
-            )
-            del result
-            ok = True
-        finally:
-            if bar is not None:
-                bar.close()
-            if not distributed.all_ok(ctx, ok) and ok:
-                raise EstimateError(
-                    "another rank failed (see its error above): nothing was written"
-                )
-        seconds = time.perf_counter() - began
-
-        counts = {
-            "counted": torch.tensor([tally["counted"]], dtype=torch.float64),
-            "tokens": torch.tensor([tally["tokens"]], dtype=torch.float64),
-            "skipped": torch.tensor([len(skipped)], dtype=torch.float64),
-        }
-        distributed.sum_(ctx, counts)
-        distributed.sum_(ctx, collector.accumulators)
-        num_sequences = int(counts["counted"].item())
-        num_tokens = int(counts["tokens"].item())
-        if num_sequences == 0:
-            raise EstimateError(
-                f"every example of {sources} was skipped as non-finite: nothing to write; "
-                "check the model (--dtype float32)"
-            )
-        draws = config.samples_per_example if config.mode == "sampled" else 1
-        store = None
-        if ctx.is_main:
-            fisher = collector.fisher(num_sequences * draws)
-            estimator = {
-                "statistic": config.statistic,
-                "mode": config.mode,
-                "granularity": config.granularity,
-                "num_sequences": num_sequences,
-                "num_tokens": num_tokens,
-                "max_length": config.max_length,
-                "seed": config.seed,
-                "samples_per_example": draws,
-                "data_fingerprint": calib.fingerprint,
-                "data_sources": list(calib.sources),
-                "dtype": str(dtype).removeprefix("torch."),
-                "skipped_nonfinite": int(counts["skipped"].item()),
-                "pack": config.pack,
-                "world_size": ctx.world_size,
-                "mergekit_fisher_version": __version__,
-            }
-            if config.granularity == "nodes":
-                estimator["node_mapping"] = config.node_mapping
-                estimator["kv_heads"] = config.kv_heads
-            gram = isinstance(collector, GramCollector)
-            if gram:
-                for key in ("mode", "granularity", "samples_per_example"):
-                    estimator.pop(key)
-            store = write_store(
-                out,
-                fisher,
-                weights=collector.weights(),
-                statistic=config.statistic,
-                consumers=collector.consumers if gram else None,
-                model=ref,
-                revision=config.revision,
-                granularity=config.granularity,
-                estimator=estimator,
-                store_dtype=parse_dtype(config.stored_as, "--store-dtype"),
-                shard_size=config.shard_size or DEFAULT_SHARD_SIZE,
-                overwrite=config.overwrite,
-            )
-            checkpoint.remove(ckpt_dir)
-            rate = num_tokens / seconds if seconds > 0 else float("inf")
-            LOG.info(
-                "%s (%s, %s) of %s: %d sequences, %d tokens in %.1f s (%.0f tokens/s)%s -> %s",
-                "Gram matrices" if gram else f"{config.granularity} Fisher",
-                "forward only" if gram else config.mode,
-                str(dtype).removeprefix("torch."),
-                ref,
-                num_sequences,
-                num_tokens,
-                seconds,
-                rate,
-                f", {int(counts['skipped'].item())} skipped as non-finite"
-                if counts["skipped"].item()
-                else "",
-                out,
-            )
-        distributed.barrier(ctx)
-        return store
+        ok = True
     finally:
-        distributed.shutdown(ctx)
+        if bar is not None:
+            bar.close()
+        if not distributed.all_ok(ctx, ok) and ok:
+            raise EstimateError("another rank failed (see its error above): nothing was written")
+    return time.perf_counter() - began
+
+
+def _save_checkpoint(run: _Run, ctx: distributed.DistContext, position: int) -> None:
+    checkpoint.save(
+        run.ckpt_dir,
+        ctx.rank,
+        ctx.world_size,
+        {
+            "hash": run.key,
+            "position": position,
+            "counted": run.counted,
+            "tokens": run.tokens,
+            "batches": run.batches,
+            "skipped": run.skipped,
+            "accumulators": run.collector.accumulators,
+        },
+    )
+
+
+def _reduce(run: _Run, ctx: distributed.DistContext) -> dict[str, int]:
+    """Sum the counts and accumulators over ranks; refuses a run that counted nothing."""
+    counts = {
+        "counted": torch.tensor([run.counted], dtype=torch.float64),
+        "tokens": torch.tensor([run.tokens], dtype=torch.float64),
+        "skipped": torch.tensor([len(run.skipped)], dtype=torch.float64),
+    }
+    distributed.sum_(ctx, counts)
+    distributed.sum_(ctx, run.collector.accumulators)
+    totals = {name: int(value.item()) for name, value in counts.items()}
+    if totals["counted"] == 0:
+        raise EstimateError(
+            f"every example of {run.sources} was skipped as non-finite: nothing to write; "
+            "check the model (--dtype float32)"
+        )
+    return totals
+
+
+def _write(
+    out: Path,
+    run: _Run,
+    config: EstimateConfig,
+    ctx: distributed.DistContext,
+    counts: dict[str, int],
+    seconds: float,
+) -> FisherStore:
+    """Write the store (rank 0), drop the checkpoint and log one summary line."""
+    from mergekit_fisher.store import DEFAULT_SHARD_SIZE, write_store
+
+    draws = config.samples_per_example if config.mode == "sampled" else 1
+    gram = isinstance(run.collector, GramCollector)
+    store = write_store(
+        out,
+        run.collector.fisher(counts["counted"] * draws),
+        weights=run.collector.weights(),
+        statistic=config.statistic,
+        consumers=run.collector.consumers if gram else None,
+        model=run.ref,
+        revision=config.revision,
+        granularity=config.granularity,
+        estimator=_estimator_metadata(run, config, ctx, counts, draws),
+        store_dtype=parse_dtype(config.stored_as, "--store-dtype"),
+        shard_size=config.shard_size or DEFAULT_SHARD_SIZE,
+        overwrite=config.overwrite,
+    )
+    checkpoint.remove(run.ckpt_dir)
+    rate = counts["tokens"] / seconds if seconds > 0 else float("inf")
+    LOG.info(
+        "%s (%s, %s) of %s: %d sequences, %d tokens in %.1f s (%.0f tokens/s)%s -> %s",
+        "Gram matrices" if gram else f"{config.granularity} Fisher",
+        "forward only" if gram else config.mode,
+        str(run.dtype).removeprefix("torch."),
+        run.ref,
+        counts["counted"],
+        counts["tokens"],
+        seconds,
+        rate,
+        f", {counts['skipped']} skipped as non-finite" if counts["skipped"] else "",
+        out,
+    )
+    return store
+
+
+def _estimator_metadata(
+    run: _Run,
+    config: EstimateConfig,
+    ctx: distributed.DistContext,
+    counts: dict[str, int],
+    draws: int,
+) -> dict[str, Any]:
+    """The store's record of how it was estimated."""
+    from mergekit_fisher import __version__
+
+    estimator: dict[str, Any] = {
+        "statistic": config.statistic,
+        "mode": config.mode,
+        "granularity": config.granularity,
+        "num_sequences": counts["counted"],
+        "num_tokens": counts["tokens"],
+        "max_length": config.max_length,
+        "seed": config.seed,
+        "samples_per_example": draws,
+        "data_fingerprint": run.calib.fingerprint,
+        "data_sources": list(run.calib.sources),
+        "dtype": str(run.dtype).removeprefix("torch."),
+        "skipped_nonfinite": counts["skipped"],
+        "pack": config.pack,
+        "world_size": ctx.world_size,
+        "mergekit_fisher_version": __version__,
+    }
+    if config.granularity == "nodes":
+        estimator["node_mapping"] = config.node_mapping
+        estimator["kv_heads"] = config.kv_heads
+    if isinstance(run.collector, GramCollector):
+        for key in ("mode", "granularity", "samples_per_example"):
+            estimator.pop(key)
+    return estimator
 
 
 def _progress_bar(
