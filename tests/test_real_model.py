@@ -189,37 +189,31 @@ def test_merging_the_model_with_itself_returns_it(
 
 
 def test_teacher_forced_exact_match_equals_greedy_generation(smol: Path, tmp_path: Path) -> None:
-    """chat_model.score's one-pass exact match against real greedy decoding."""
+    """chat_model.score's one-pass exact match against real greedy decoding: the model's own
+    greedy answers must count, the same answers with one word changed must not."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mergekit_fisher.demo import chat_model
 
     tokenizer = AutoTokenizer.from_pretrained(smol)
     model = AutoModelForCausalLM.from_pretrained(smol, dtype=torch.float32)
-    items = chat_tasks.problems("max", "eval", 6)
-    # Half the answers replaced by what the model itself writes greedily: those must count.
-    for i in range(0, len(items), 2):
+    items = []
+    for asked in ("What is the capital of France?", "Say hello.", "Name a fruit."):
+        question = chat_tasks.Problem("chat", asked, "")
         prompt = tokenizer.apply_chat_template(
-            items[i].messages(with_answer=False),
+            question.messages(with_answer=False),
             add_generation_prompt=True,
             return_tensors="pt",
             return_dict=True,
         )
-        out = model.generate(**prompt, max_new_tokens=24, do_sample=False)
-        text = tokenizer.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
-        items[i] = chat_tasks.Problem(items[i].task, items[i].prompt, text)
-    expected = []
-    for item in items:
-        prompt = tokenizer.apply_chat_template(
-            item.messages(with_answer=False),
-            add_generation_prompt=True,
-            return_tensors="pt",
-            return_dict=True,
-        )
-        target = tokenizer(item.answer + tokenizer.eos_token, add_special_tokens=False).input_ids
-        out = model.generate(**prompt, max_new_tokens=len(target), do_sample=False)
-        expected.append(out[0, prompt["input_ids"].shape[1] :].tolist() == target)
-    scored = [
-        chat_model.score(model, tokenizer, [item], tmp_path).accuracy == 1.0 for item in items
-    ]
-    assert scored == expected and any(expected) and not all(expected)
+        out = model.generate(**prompt, max_new_tokens=48, do_sample=False)
+        new = out[0, prompt["input_ids"].shape[1] :].tolist()
+        assert new[-1] == tokenizer.eos_token_id  # a finished greedy answer
+        answer = tokenizer.decode(new, skip_special_tokens=True)
+        items.append(chat_tasks.Problem("chat", asked, answer))
+        wrong = answer.replace(" ", " the ", 1)
+        items.append(chat_tasks.Problem("chat", asked, wrong))
+    scored = [chat_model.score(model, tokenizer, [item], tmp_path).accuracy for item in items]
+    assert scored == [1.0, 0.0] * 3
+    batched = chat_model.score(model, tokenizer, items, tmp_path)
+    assert batched.accuracy == 0.5 and batched.n == 6
