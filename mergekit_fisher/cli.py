@@ -209,6 +209,41 @@ def _show_mass(opened, plot: str | None) -> None:  # type: ignore[no-untyped-def
         click.echo(f"card         {opened.path / 'README.md'} embeds {out.name}")
 
 
+@main.command("compare")
+@click.argument("store_a")
+@click.argument("store_b")
+@click.option(
+    "--top",
+    default=0.01,
+    show_default=True,
+    type=float,
+    help="Fraction of each weight's elements, by Fisher, that counts as important.",
+)
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Draw the overlap and dominance per layer x module into this image (needs matplotlib).",
+)
+def compare_command(store_a: str, store_b: str, top: float, plot: str | None) -> None:
+    """Where two experts' Fisher stores collide: per layer and module, the Jaccard overlap of
+    their top elements by Fisher and the share of elements where each dominates.
+
+    Both stores must describe the same tensor names and shapes (experts of one base). They are
+    read one tensor at a time.
+    """
+    from mergekit_fisher.compare import compare_panels, compare_stores, layer_lines
+    from mergekit_fisher.plot import save_panels
+    from mergekit_fisher.store import open_store
+
+    a, b = open_store(store_a), open_store(store_b)
+    cells = compare_stores(a, b, top)
+    for line in layer_lines(cells, store_a, store_b):
+        click.echo(line)
+    if plot is not None:
+        click.echo(f"wrote {save_panels(compare_panels(cells, top), plot)}")
+
+
 @main.command("demo")
 @click.option(
     "--out",
