@@ -275,3 +275,21 @@ def test_moe_is_refused_in_one_line(arch: str, granularity: str) -> None:
     with pytest.raises(EstimateError, match=r"mixture-of-experts.*--statistic gram") as info:
         compute_fisher(model, examples, config)
     assert "\n" not in str(info.value) and "experts.gate_up_proj" in str(info.value)
+
+
+def test_gpt2_store_merges_through_mergekit(tmp_path: Path) -> None:
+    """Conv1D stores are keyed and shaped like the checkpoint: mergekit's gpt2 merge uses them."""
+    from conftest import fisher_recipe, model_tensors, run_recipe
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in TEXTS])
+    models = [save_tiny_model(tmp_path / f"m{i}", arch="gpt2", seed=i) for i in (1, 2)]
+    stores = [
+        estimate_fisher(m, data, tmp_path / f"f{i}", progress=False, store_dtype="float32")
+        for i, m in enumerate(models)
+    ]
+    recipe = fisher_recipe(models, [s.path for s in stores], [1.0, 1.0], normalize=False)
+    merged = run_recipe(recipe, tmp_path / "out")
+    a, b = (model_tensors(m) for m in models)
+    name = "transformer.h.1.attn.c_attn.weight"
+    fa, fb = (s.get(name) + 1e-8 for s in stores)
+    torch.testing.assert_close(merged[name], (fa * a[name] + fb * b[name]) / (fa + fb))
