@@ -8,6 +8,7 @@ need its tensors, which are vectors ([out, 1] / [1, in]) and cheap to read.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -36,16 +37,21 @@ class MassTable:
         return sum(self.cells.values())
 
 
+def ordered_layers(cells: Iterable[Cell]) -> list[int | None]:
+    """The layers of ``cells`` in order, the outside-layer row (``None``) last."""
+    layers = {layer for layer, _ in cells}
+    numbered = sorted(layer for layer in layers if layer is not None)
+    return [*numbered, *([None] if None in layers else [])]
+
+
 def table_of(values: dict[str, float]) -> MassTable:
     """Group per-weight values by (layer, module): layers in order, outside-layer row last."""
     cells: dict[Cell, float] = {}
     for name, value in values.items():
         key = (layer_of(name), module_of(name))
         cells[key] = cells.get(key, 0.0) + value
-    numbered = sorted({layer for layer, _ in cells if layer is not None})
-    layers: list[int | None] = [*numbered, *([None] if any(k[0] is None for k in cells) else [])]
     present = {m for _, m in cells}
-    return MassTable(layers, [m for m in MODULES if m in present], cells)
+    return MassTable(ordered_layers(cells), [m for m in MODULES if m in present], cells)
 
 
 def mass_table(store: FisherStore) -> MassTable:

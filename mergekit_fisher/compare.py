@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mergekit_fisher.anatomy import Cell
+from mergekit_fisher.anatomy import Cell, ordered_layers
 from mergekit_fisher.errors import FisherError
 from mergekit_fisher.layout import MODULES, layer_of, module_of, natural_key
 from mergekit_fisher.plot import Panel
@@ -111,15 +111,10 @@ def compare_stores(a: FisherStore, b: FisherStore, top: float = 0.01) -> dict[Ce
     return cells
 
 
-def _layers(cells: dict[Cell, Overlap]) -> list[int | None]:
-    numbered = sorted({layer for layer, _ in cells if layer is not None})
-    return [*numbered, *([None] if any(layer is None for layer, _ in cells) else [])]
-
-
 def layer_lines(cells: dict[Cell, Overlap], a: str, b: str) -> list[str]:
     """One line per layer, pooled over its modules."""
     lines = [f"{'layer':<8} {'jaccard':>8} {'A>B':>7} {'B>A':>7}   (A = {a}, B = {b})"]
-    for layer in _layers(cells):
+    for layer in ordered_layers(cells):
         pooled = Overlap()
         for (row, _), overlap in cells.items():
             if row == layer:
@@ -134,7 +129,7 @@ def layer_lines(cells: dict[Cell, Overlap], a: str, b: str) -> list[str]:
 
 def compare_panels(cells: dict[Cell, Overlap], top: float) -> list[Panel]:
     """Two layer x module heatmaps: the top-k Jaccard and the share where A dominates."""
-    layers = _layers(cells)
+    layers = ordered_layers(cells)
     modules = [m for m in MODULES if any(m == cm for _, cm in cells)]
     labels = ["outside" if layer is None else f"layer {layer}" for layer in layers]
 
