@@ -85,20 +85,32 @@ def _heads(rows: torch.Tensor) -> torch.Tensor:
     return rows.view(-1, head_dim)[:, 0]
 
 
-def node_rows(store: FisherStore, module: str) -> torch.Tensor:
-    """[layers, nodes] node values of a node store: ``q`` rows give heads, ``down`` columns
-    give neurons. Layers whose node counts differ are padded with NaN (drawn blank)."""
-    if store.granularity != "nodes":
-        raise FisherError(f"{store.ref} is a {store.granularity} store: node pictures need nodes")
-    per_layer: dict[int, torch.Tensor] = {}
+def _layer_vectors(store: FisherStore, module: str) -> dict[int, torch.Tensor]:
+    """Each layer's flattened ``module`` weight tensor (node stores: vectors, cheap to read)."""
+    out = {}
     for name in store.names:
         layer = layer_of(name)
-        if layer is None or module_of(name) != module or not name.endswith("weight"):
-            continue
-        values = store.get(name).flatten()
-        per_layer[layer] = _heads(values) if module == "q" else values
+        if layer is not None and module_of(name) == module and name.endswith("weight"):
+            out[layer] = store.get(name).flatten()
+    return out
+
+
+def node_rows(store: FisherStore, nodes: str) -> torch.Tensor:
+    """[layers, nodes] values of a node store, ``nodes`` = "heads" or "neurons": heads from the
+    o columns (a layer's q rows where its o holds one mean, ``--node-mapping paper``), neurons from
+    the down columns. Layers whose node counts differ are padded with NaN (drawn blank)."""
+    if store.granularity != "nodes":
+        raise FisherError(f"{store.ref} is a {store.granularity} store: node pictures need nodes")
+    if nodes == "neurons":
+        per_layer = _layer_vectors(store, "down")
+    else:
+        o, q = _layer_vectors(store, "o"), _layer_vectors(store, "q")
+        per_layer = {}
+        for layer in {*o, *q}:
+            per_head = layer in o and (o[layer].numel() > 1 or layer not in q)
+            per_layer[layer] = _heads(o[layer] if per_head else q[layer])
     if not per_layer:
-        raise FisherError(f"{store.ref} has no per-node {module} tensors to draw")
+        raise FisherError(f"{store.ref} has no per-{nodes[:-1]} tensors to draw")
     width = max(v.numel() for v in per_layer.values())
     out = torch.full((max(per_layer) + 1, width), float("nan"))
     for layer, values in per_layer.items():
@@ -118,8 +130,8 @@ def store_panels(store: FisherStore) -> list[Panel]:
         Panel(values, _labels(table), table.modules, f"Fisher mass: {store.model}", label="sum F")
     ]
     if store.granularity == "nodes":
-        for module, what in (("q", "head"), ("down", "neuron")):
-            rows = node_rows(store, module)
+        for nodes, what in (("heads", "head"), ("neurons", "neuron")):
+            rows = node_rows(store, nodes)
             labels = [f"layer {i}" for i in range(rows.shape[0])]
             panels.append(Panel(rows, labels, None, f"Fisher per {what} (x: {what})", label="F"))
     return panels

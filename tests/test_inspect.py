@@ -36,6 +36,9 @@ def node_store(path: Path) -> tuple[Path, torch.Tensor, torch.Tensor]:
         p = f"model.layers.{i}"
         fisher[f"{p}.self_attn.q_proj.weight"] = heads[i].repeat_interleave(HEAD_DIM)[:, None]
         fisher[f"{p}.mlp.down_proj.weight"] = neurons[i][None, :]
+        if i % 2:  # heads come from o columns; from q rows where o is absent
+            fisher[f"{p}.self_attn.o_proj.weight"] = heads[i].repeat_interleave(HEAD_DIM)[None, :]
+            weights[f"{p}.self_attn.o_proj.weight"] = torch.randn(HIDDEN, HEADS * HEAD_DIM)
         fisher[f"{p}.input_layernorm.weight"] = torch.rand(HIDDEN, generator=g)
         weights[f"{p}.self_attn.q_proj.weight"] = torch.randn(HEADS * HEAD_DIM, HIDDEN)
         weights[f"{p}.mlp.down_proj.weight"] = torch.randn(HIDDEN, NEURONS)
@@ -59,8 +62,8 @@ def test_mass_and_node_rows_match_brute_force(tmp_path: Path) -> None:
         assert table.cells[(i, "q")] == pytest.approx(q, rel=1e-6)
         assert table.cells[(i, "down")] == pytest.approx(neurons[i].sum().item() * HIDDEN, rel=1e-6)
     assert (None, "embeddings") in table.cells
-    torch.testing.assert_close(node_rows(store, "q"), heads)
-    torch.testing.assert_close(node_rows(store, "down"), neurons)
+    torch.testing.assert_close(node_rows(store, "heads"), heads)
+    torch.testing.assert_close(node_rows(store, "neurons"), neurons)
 
 
 def test_inspect_orders_naturally_plots_and_embeds_in_card(tmp_path: Path) -> None:
