@@ -140,10 +140,29 @@ def search_command(
 @click.argument("store")
 @click.option("--revision", default=None, help="Hub revision, for a repo id.")
 @click.option("--verify", is_flag=True, help="Read every tensor to check the files in full.")
-@click.option("--tensors", "show_tensors", is_flag=True, help="List every tensor's statistics.")
-def inspect_command(store: str, revision: str | None, verify: bool, show_tensors: bool) -> None:
+@click.option(
+    "--tensors", "show_tensors", is_flag=True, help="List every tensor's statistics, by layer."
+)
+@click.option("--layers", "show_layers", is_flag=True, help="Print the Fisher mass per layer.")
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Draw the Fisher mass per layer x module (log scale; node stores also per head and "
+    "neuron) into this image, and print the per-layer mass. Written into the store directory, "
+    "the store's README.md embeds it. Needs matplotlib: pip install 'mergekit-fisher[demo]'.",
+)
+def inspect_command(
+    store: str,
+    revision: str | None,
+    verify: bool,
+    show_tensors: bool,
+    show_layers: bool,
+    plot: str | None,
+) -> None:
     """Show a Fisher or Gram store's provenance, settings and statistics (no tensor reads by
     default)."""
+    from mergekit_fisher.layout import natural_key
     from mergekit_fisher.store import open_store
 
     opened = open_store(store, revision)
@@ -159,7 +178,7 @@ def inspect_command(store: str, revision: str | None, verify: bool, show_tensors
     for key, value in (config.get("estimator") or {}).items():
         click.echo(f"  {key:<20} {value}")
     if show_tensors:
-        for name in opened.names:
+        for name in sorted(opened.names, key=natural_key):
             s = opened.stats(name)
             click.echo(
                 f"{name}  {list(s.shape)}->{list(s.weight_shape)}  sum={s.sum:.4g} max={s.max:.4g}"
@@ -167,6 +186,62 @@ def inspect_command(store: str, revision: str | None, verify: bool, show_tensors
     if verify:
         opened.verify()
         click.echo("verified     every tensor read back: finite, non-negative, complete")
+    if show_layers or plot:
+        _show_mass(opened, plot)
+
+
+def _show_mass(opened, plot: str | None) -> None:  # type: ignore[no-untyped-def]
+    """The per-layer summary; with ``plot`` the picture (embedded in the card if in the store)."""
+
+    from mergekit_fisher.anatomy import layer_summary, mass_table, store_panels
+    from mergekit_fisher.plot import save_panels
+    from mergekit_fisher.store import refresh_card
+
+    table = mass_table(opened)
+    for line in layer_summary(table):
+        click.echo(line)
+    if plot is None:
+        return
+    out = save_panels(store_panels(opened), plot).resolve()
+    click.echo(f"wrote        {out}")
+    if out.parent == opened.path.resolve():
+        refresh_card(opened.path, out.name)
+        click.echo(f"card         {opened.path / 'README.md'} embeds {out.name}")
+
+
+@main.command("compare")
+@click.argument("store_a")
+@click.argument("store_b")
+@click.option(
+    "--top",
+    default=0.01,
+    show_default=True,
+    type=float,
+    help="Fraction of each weight's elements, by Fisher, that counts as important.",
+)
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Draw the overlap and dominance per layer x module into this image (needs matplotlib).",
+)
+def compare_command(store_a: str, store_b: str, top: float, plot: str | None) -> None:
+    """Where two experts' Fisher stores collide: per layer and module, the Jaccard overlap of
+    their top elements by Fisher and the share of elements where each dominates.
+
+    Both stores must describe the same tensor names and shapes (experts of one base). They are
+    read one tensor at a time.
+    """
+    from mergekit_fisher.compare import compare_panels, compare_stores, layer_lines
+    from mergekit_fisher.plot import save_panels
+    from mergekit_fisher.store import open_store
+
+    a, b = open_store(store_a), open_store(store_b)
+    cells = compare_stores(a, b, top)
+    for line in layer_lines(cells, store_a, store_b):
+        click.echo(line)
+    if plot is not None:
+        click.echo(f"wrote {save_panels(compare_panels(cells, top), plot)}")
 
 
 @main.command("demo")

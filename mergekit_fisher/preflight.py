@@ -79,6 +79,29 @@ def _inputs(config: MergeConfiguration, with_base: bool) -> list[tuple[str, dict
     return list(inputs.items())
 
 
+def _numbers(value: Any) -> list[Any]:
+    """The values of a numeric setting: plain, a gradient list, or a list of {filter, value}."""
+    if value is None:
+        return []
+    if isinstance(value, list):
+        return [n for item in value for n in _numbers(getattr(item, "value", item))]
+    return [value]
+
+
+def _check_weights(where: str, params: dict[str, Any]) -> None:
+    """``weight`` must be a number >= 0: mergekit's own check stops with a pydantic traceback."""
+    for value in _numbers(params.get("weight")):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = float("nan")
+        if not number >= 0:
+            raise RecipeError(
+                f"weight {value!r} in {where} is not a number >= 0: recipe weights are relative "
+                "shares (0 leaves the model out); to subtract a model use a task-vector method"
+            )
+
+
 def check_recipe(config: MergeConfiguration) -> list[ServedModel]:
     """Validate a recipe of one of our methods and open every store; [] for other methods."""
     if config.merge_method not in RECIPE_METHODS:
@@ -92,6 +115,8 @@ def check_recipe(config: MergeConfiguration) -> list[ServedModel]:
                 f"{config.merge_method} accepts {list(accepted)} (mergekit would silently "
                 "ignore them)"
             )
+        if config.merge_method not in STORELESS_BASE:  # task vectors may be subtracted
+            _check_weights(where, params)
     shared = _fisher_refs((config.parameters or {}).get(key))
     served = []
     for model, params in _inputs(config, config.merge_method not in STORELESS_BASE):

@@ -347,18 +347,30 @@ def write_store(
     return FisherStore(Path(out))
 
 
-def render_card(config: Mapping[str, Any]) -> str:
-    """A Hub model card: what the store describes, how it was made, how to use it."""
+def is_hub_id(ref: str) -> bool:
+    """``org/name`` that is no local path: the only kind of id a Hub card may link to."""
+    return bool(_HUB_ID.match(ref)) and not Path(ref).expanduser().exists()
+
+
+def render_card(config: Mapping[str, Any], picture: str | None = None) -> str:
+    """A Hub model card: what the store describes, how it was made, how to use it; with
+    ``picture`` (a file name in the store) the Fisher mass picture embedded."""
     model = config["model"].get("name_or_path") or "unknown model"
     revision = config["model"].get("revision")
     est = config.get("estimator") or {}
     stats = config["statistics"]
     rows = "\n".join(f"| {k} | {v} |" for k, v in est.items() if not isinstance(v, (dict, list)))
+    base = f"base_model: {model}\n" if is_hub_id(model) else ""
+    figure = (
+        f"\n![Fisher mass per layer and module]({picture})\n\n"
+        "Fisher mass per layer and module (log scale), drawn by `mergekit-fisher inspect --plot`.\n"
+        if picture
+        else ""
+    )
     return f"""---
 library_name: mergekit-fisher
 tags: [mergekit, fisher-merging, fisher-store]
-base_model: {model}
----
+{base}---
 # Fisher store for {model}
 
 Diagonal Fisher information of `{model}`{f" (revision `{revision}`)" if revision else ""},
@@ -368,7 +380,7 @@ in the mergekit-fisher store format v{config["format_version"]} ({config["granul
 | setting | value |
 | --- | --- |
 {rows or "| (none recorded) | |"}
-
+{figure}
 ## Use it in a mergekit recipe
 
 ```yaml
@@ -384,6 +396,14 @@ Merge with `mergekit-yaml recipe.yml out/` or `mergekit-fisher merge recipe.yml 
 `pip install mergekit-fisher`. The store is bound to the weights it was computed on: merging it
 with other weights is refused.
 """
+
+
+def refresh_card(path: Path, picture: str) -> None:
+    """Re-render a local store's card so that it embeds ``picture`` (a file in the store)."""
+    config = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+    tmp = path / f".{CARD_NAME}.tmp"
+    tmp.write_text(render_card(config, picture), encoding="utf-8")
+    os.replace(tmp, path / CARD_NAME)
 
 
 # --------------------------------------------------------------------------- reading

@@ -64,20 +64,29 @@ def naive_node_fisher(
 ) -> dict[str, torch.Tensor]:
     """Explicit mask tensors (ones, requiring grad): one per query head at each o_proj input,
     one per neuron at each down_proj input, and one per kv head on each v_proj output (the GQA
-    check). Returns ``<layer>.heads``, ``<layer>.neurons`` and ``<layer>.vmask`` Fisher values."""
+    check; on the v rows of a fused qkv projection). Returns ``<layer>.heads``,
+    ``<layer>.neurons`` and ``<layer>.vmask`` Fisher values. Fused layouts: Phi-3
+    (qkv_proj, gate_up_proj), Starcoder2 (mlp.c_fc/c_proj), GPT-2 (Conv1D c_attn/c_proj)."""
     model.eval()
     config = model.config
     heads = config.num_attention_heads
     masks: dict[str, torch.Tensor] = {}
     handles = []
     dtype = next(model.parameters()).dtype
-    for i, layer in enumerate(model.model.layers):
-        prefix = f"model.layers.{i}"
-        attn, mlp = layer.self_attn, layer.mlp
-        d = attn.o_proj.in_features // heads
-        kv = attn.k_proj.out_features // d
+    gpt2 = hasattr(model, "transformer")
+    layers = model.transformer.h if gpt2 else model.model.layers
+    for i, layer in enumerate(layers):
+        prefix = f"transformer.h.{i}" if gpt2 else f"model.layers.{i}"
+        attn = layer.attn if gpt2 else layer.self_attn
+        o = attn.c_proj if gpt2 else attn.o_proj
+        down = (
+            layer.mlp.c_proj if gpt2 or not hasattr(layer.mlp, "down_proj") else layer.mlp.down_proj
+        )
+        d = (attn.c_proj.weight.shape[0] if gpt2 else o.in_features) // heads
+        kv = getattr(config, "num_key_value_heads", None) or heads
+        width = down.weight.shape[0] if gpt2 else down.in_features
         m_h = torch.ones(heads, dtype=dtype, requires_grad=True)
-        m_n = torch.ones(mlp.down_proj.in_features, dtype=dtype, requires_grad=True)
+        m_n = torch.ones(width, dtype=dtype, requires_grad=True)
         m_v = torch.ones(kv, dtype=dtype, requires_grad=True)
         masks[f"{prefix}.heads"], masks[f"{prefix}.neurons"], masks[f"{prefix}.vmask"] = (
             m_h,
@@ -92,13 +101,17 @@ def naive_node_fisher(
         def neuron_hook(mod, args, m=m_n):  # type: ignore[no-untyped-def]
             return (args[0] * m,)
 
-        def v_hook(mod, args, out, m=m_v, d=d):  # type: ignore[no-untyped-def]
-            return (out.view(*out.shape[:-1], -1, d) * m[:, None]).reshape(out.shape)
+        def v_hook(mod, args, out, m=m_v, d=d, kv=kv):  # type: ignore[no-untyped-def]
+            # the last kv * d outputs are the values (v_proj: all of them)
+            v = out[..., out.shape[-1] - kv * d :]
+            v = (v.reshape(*v.shape[:-1], kv, d) * m[:, None]).reshape(v.shape)
+            return torch.cat([out[..., : out.shape[-1] - kv * d], v], -1)
 
+        v_site = attn.c_attn if gpt2 else getattr(attn, "v_proj", None) or attn.qkv_proj
         handles += [
-            attn.o_proj.register_forward_pre_hook(head_hook),
-            mlp.down_proj.register_forward_pre_hook(neuron_hook),
-            attn.v_proj.register_forward_hook(v_hook),
+            o.register_forward_pre_hook(head_hook),
+            down.register_forward_pre_hook(neuron_hook),
+            v_site.register_forward_hook(v_hook),
         ]
     acc = {k: torch.zeros_like(m) for k, m in masks.items()}
     try:

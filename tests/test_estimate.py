@@ -50,6 +50,7 @@ def assert_close(got: dict, ref: dict, tol: float) -> None:
         ("llama", "sampled", False),
         ("qwen2", "empirical", False),  # q/k/v biases
         ("qwen2", "sampled", True),  # tied lm_head: summed per example before squaring
+        ("gpt2", "sampled", True),  # Conv1D ([in, out] weights), position ids shared by the batch
     ],
 )
 def test_matches_naive_float64(arch: str, mode: str, tie: bool) -> None:
@@ -61,7 +62,9 @@ def test_matches_naive_float64(arch: str, mode: str, tie: bool) -> None:
     got = compute_fisher(model, examples, config).fisher
     assert_close(got, ref, FP64_TOL)
     if tie:
-        assert "lm_head.weight" not in got and "model.embed_tokens.weight" in got
+        embed = model.get_input_embeddings().weight
+        embed_name = next(n for n, p in model.named_parameters() if p is embed)
+        assert "lm_head.weight" not in got and embed_name in got
 
 
 def test_float32_within_documented_tolerance() -> None:
@@ -261,3 +264,32 @@ def test_unknown_model_is_one_line(tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": "hi"}])
     with pytest.raises(EstimateError, match="cannot load"):
         estimate_fisher(tmp_path / "nope", data, tmp_path / "out", progress=False)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("granularity", ["full", "nodes"])
+def test_moe_is_refused_in_one_line(arch: str, granularity: str) -> None:
+    model = tiny_model(arch, num_local_experts=4, num_experts=4, num_experts_per_tok=2)
+    examples = random_examples([5, 3], model.config.vocab_size)
+    config = EstimateConfig(granularity=granularity)
+    with pytest.raises(EstimateError, match=r"mixture-of-experts.*--statistic gram") as info:
+        compute_fisher(model, examples, config)
+    assert "\n" not in str(info.value) and "experts.gate_up_proj" in str(info.value)
+
+
+def test_gpt2_store_merges_through_mergekit(tmp_path: Path) -> None:
+    """Conv1D stores are keyed and shaped like the checkpoint: mergekit's gpt2 merge uses them."""
+    from conftest import fisher_recipe, model_tensors, run_recipe
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in TEXTS])
+    models = [save_tiny_model(tmp_path / f"m{i}", arch="gpt2", seed=i) for i in (1, 2)]
+    stores = [
+        estimate_fisher(m, data, tmp_path / f"f{i}", progress=False, store_dtype="float32")
+        for i, m in enumerate(models)
+    ]
+    recipe = fisher_recipe(models, [s.path for s in stores], [1.0, 1.0], normalize=False)
+    merged = run_recipe(recipe, tmp_path / "out")
+    a, b = (model_tensors(m) for m in models)
+    name = "transformer.h.1.attn.c_attn.weight"
+    fa, fb = (s.get(name) + 1e-8 for s in stores)
+    torch.testing.assert_close(merged[name], (fa * a[name] + fb * b[name]) / (fa + fb))

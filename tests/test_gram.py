@@ -164,3 +164,14 @@ def test_regmean_merges_real_gram_stores(tmp_path: Path, tiny_llama_pair, data_f
     thetas = [model_tensors(m)[name].double() for m in models]
     ref = (thetas[0] @ grams[0] + thetas[1] @ grams[1]) @ torch.linalg.inv(grams[0] + grams[1])
     torch.testing.assert_close(merged[name].double(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_gpt2_conv1d_is_refused_in_one_line(tmp_path: Path, data_file: Path) -> None:
+    """GPT-2's Conv1D weights are [in, out]; regmean solves for [out, in]: refuse, write nothing."""
+    path = save_tiny_model(tmp_path / "gpt2", arch="gpt2", seed=5)
+    args = ["estimate", str(path), "--data", str(data_file), "--out", str(tmp_path / "g")]
+    result = CliRunner().invoke(main, [*args, "--statistic", "gram", "--no-progress"])
+    last = result.output.strip().splitlines()[-1]  # above it: transformers' loading bar
+    assert result.exit_code == 1 and last.startswith("error: "), result.output
+    assert "Conv1D" in last and "--statistic fisher" in last
+    assert not (tmp_path / "g").exists()

@@ -361,6 +361,20 @@ def test_plain_mergekit_yaml_refuses_unknown_parameter(tmp_path: Path, pair_with
     assert not (tmp_path / "out").exists()
 
 
+def test_plain_mergekit_yaml_negative_weight_is_one_line(tmp_path: Path, pair_with_stores) -> None:  # type: ignore[no-untyped-def]
+    models, stores = pair_with_stores
+    recipe = fisher_recipe(models, stores, [1.0, -1.0])
+    result = run_cli(
+        str(BIN / "mergekit-yaml"),
+        str(write_recipe(tmp_path / "r.yml", recipe)),
+        str(tmp_path / "out"),
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and f"weight -1.0 in model {models[1]}" in errors[0], result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_plain_mergekit_yaml_mid_merge_error_is_one_line_and_leaves_nothing(
     tmp_path: Path, pair_with_stores
 ) -> None:  # type: ignore[no-untyped-def]
@@ -388,6 +402,7 @@ def test_plain_mergekit_yaml_mid_merge_error_is_one_line_and_leaves_nothing(
             "does not exist",
         ),
         (lambda r, s: r["parameters"].update(normalise=True), "unknown parameter(s) ['normalise']"),
+        (lambda r, s: r["models"][1]["parameters"].update(weight=-0.5), "weight -0.5 in model"),
     ],
 )
 def test_fisher_merge_cli_errors_are_one_line_and_write_nothing(

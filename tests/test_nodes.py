@@ -33,6 +33,9 @@ def tiny_model(arch: str = "llama", dtype: torch.dtype = torch.float64, **kw):  
         ("llama", "sampled", 2),
         ("qwen2", "sampled", 1),
         ("llama", "empirical", 4),
+        ("phi3", "sampled", 2),  # fused qkv_proj and gate_up_proj
+        ("starcoder2", "empirical", 2),  # MLP c_fc / c_proj, biases
+        ("gpt2", "empirical", 4),  # Conv1D c_attn / c_proj ([in, out] weights)
     ],
 )
 def test_node_values_match_explicit_masks(arch: str, mode: str, kv: int) -> None:
@@ -45,8 +48,8 @@ def test_node_values_match_explicit_masks(arch: str, mode: str, kv: int) -> None
     )
     result = compute_fisher(model, examples, config)
     values = result.collector.node_values(len(examples) * samples)
-    for i in range(model.config.num_hidden_layers):
-        p = f"model.layers.{i}"
+    for layer in find_layers(model):
+        p = layer.prefix
         assert rel_error(values[f"{p}.heads"], ref[f"{p}.heads"]) <= TOL
         assert rel_error(values[f"{p}.neurons"], ref[f"{p}.neurons"]) <= TOL
         # GQA: the kv value is exactly the Fisher of a mask on that kv head's values.
@@ -160,3 +163,34 @@ def test_save_tiny_model_roundtrip_for_nodes(tmp_path: Path) -> None:
     data.write_text(json.dumps({"text": "some calibration text"}) + "\n")
     store = estimate_fisher(path, data, tmp_path / "f", granularity="nodes", progress=False)
     assert store.config["store_dtype"] == "bfloat16" and len(store.names) == 14
+
+
+@pytest.mark.parametrize("arch", ["phi3", "gpt2"])
+def test_fused_layouts_map_segments_in_the_weights_orientation(arch: str) -> None:
+    """Phi-3: qkv_proj rows are q | k | v heads, gate_up_proj rows gate | up neurons. GPT-2:
+    Conv1D weights are [in, out], so output values lie along columns."""
+    model = tiny_model(arch)
+    examples = random_examples(LENGTHS[:3], model.config.vocab_size, seed=5)
+    result = compute_fisher(model, examples, EstimateConfig(granularity="nodes", batch_size=3))
+    layer = find_layers(model)[1]
+    values = result.collector.node_values(len(examples))
+    heads, kv, neurons = (values[f"{layer.prefix}.{k}"].float() for k in ("heads", "kv", "neurons"))
+    d = layer.head_dim
+    qkv = torch.cat([heads.repeat_interleave(d), kv.repeat_interleave(d), kv.repeat_interleave(d)])
+    weights = dict(model.named_parameters())
+    fisher, p = result.fisher, layer.prefix
+    if arch == "phi3":
+        torch.testing.assert_close(fisher[f"{p}.self_attn.qkv_proj.weight"], qkv[:, None])
+        torch.testing.assert_close(
+            fisher[f"{p}.mlp.gate_up_proj.weight"], neurons.repeat(2)[:, None]
+        )
+        torch.testing.assert_close(fisher[f"{p}.mlp.down_proj.weight"], neurons[None, :])
+    else:
+        torch.testing.assert_close(fisher[f"{p}.attn.c_attn.weight"], qkv[None, :])
+        torch.testing.assert_close(fisher[f"{p}.attn.c_attn.bias"], qkv)
+        torch.testing.assert_close(
+            fisher[f"{p}.attn.c_proj.weight"], heads.repeat_interleave(d)[:, None]
+        )
+        torch.testing.assert_close(fisher[f"{p}.mlp.c_proj.weight"], neurons[:, None])
+    for name, tensor in fisher.items():
+        assert torch.broadcast_shapes(tensor.shape, weights[name].shape) == weights[name].shape

@@ -3,8 +3,11 @@
 Per example b (sequence), with X the module input and dY its output gradient (both [T, .]):
 
 * ``nn.Linear``: grad W_b = dY_b^T X_b (one ``bmm`` over the batch), grad bias_b = sum_t dY_b.
+  GPT-2's ``Conv1D`` is a Linear stored transposed (weight [in, out]): grad W_b = X_b^T dY_b.
 * ``nn.Embedding``: grad E_b = rows of dY_b scattered by token id (``index_add`` over the
-  example's unique ids), padding positions and ``padding_idx`` excluded.
+  example's unique ids), padding positions and ``padding_idx`` excluded. An embedding whose
+  ids are shared by the batch (GPT-2's position ids, [1, T]) has its output expanded to the
+  batch before the tap, so its gradient arrives per example.
 * Tied ``lm_head``/``embed_tokens`` (one parameter): the two contributions are summed per
   example *before* squaring, via (a + e)^2 = a^2 + 2ae + e^2 on the rows the example touches,
   with a = the lm_head part (dense) and e = the embedding part (sparse).
@@ -48,6 +51,7 @@ class FullCollector:
     granularity = "full"
 
     def __init__(self, model: nn.Module, state: BatchState, chunk_bytes: int = 256 * 1024**2):
+        refuse_moe(model, "full")
         self.model = model
         self.state = state
         self.chunk_bytes = chunk_bytes
@@ -77,6 +81,8 @@ class FullCollector:
                 continue
             if isinstance(module, nn.Linear):
                 kind = "linear"
+            elif is_conv1d(module):
+                kind = "conv1d"
             elif isinstance(module, nn.Embedding):
                 kind = "embedding"
                 if module.max_norm is not None:
@@ -109,9 +115,11 @@ class FullCollector:
 
     def install(self) -> None:
         for mname, module, kind in self._modules:
-            hook = {"linear": self._linear_hook, "embedding": self._embedding_hook}.get(
-                kind, self._generic_hook
-            )
+            hook = {
+                "linear": self._linear_hook,
+                "conv1d": self._conv1d_hook,
+                "embedding": self._embedding_hook,
+            }.get(kind, self._generic_hook)
             self._handles.append(module.register_forward_hook(_bind(hook, mname)))
 
     def remove(self) -> None:
@@ -126,10 +134,18 @@ class FullCollector:
             return None
         return tap(output, self.state, _bind(self._linear_backward, module), args[0])
 
+    def _conv1d_hook(self, mname: str, module: nn.Module, args: tuple, output: torch.Tensor):
+        if self._in_fallback:
+            return None
+        return tap(output, self.state, _bind(self._conv1d_backward, module), args[0])
+
     def _embedding_hook(self, mname: str, module: nn.Embedding, args: tuple, output: torch.Tensor):
         if self._in_fallback:
             return None
-        return tap(output, self.state, _bind(self._embedding_backward, module), args[0])
+        ids, b = args[0], self.state.batch_size
+        if output.shape[0] == 1 and b > 1 and torch.is_grad_enabled():  # ids shared by the batch
+            output, ids = output.expand(b, *output.shape[1:]), ids.expand(b, *ids.shape[1:])
+        return tap(output, self.state, _bind(self._embedding_backward, module), ids)
 
     def _generic_hook(self, mname: str, module: nn.Module, args: tuple, output: Any):
         if self._in_fallback:
@@ -148,15 +164,24 @@ class FullCollector:
 
     # ----------------------------------------------------------------- backward callbacks
     def _linear_backward(self, module: nn.Linear, dy: torch.Tensor, x: torch.Tensor) -> None:
+        self._dense_backward(module, dy, x, transposed=False)
+
+    def _conv1d_backward(self, module: nn.Module, dy: torch.Tensor, x: torch.Tensor) -> None:
+        self._dense_backward(module, dy, x, transposed=True)
+
+    def _dense_backward(
+        self, module: nn.Module, dy: torch.Tensor, x: torch.Tensor, *, transposed: bool
+    ) -> None:
+        """Per-example weight gradients dY^T X ([out, in]; X^T dY for a transposed weight)."""
         b = dy.shape[0]
         dy, x = self.state.screen(dy, x)
         dy = dy.reshape(b, -1, dy.shape[-1])
-        x = x.reshape(b, -1, x.shape[-1])
+        x = x.reshape(b, -1, x.shape[-1]).to(dy.dtype)
         wname = self.names[id(module.weight)]
         acc = self.accumulators[wname]
-        out_f, in_f = module.weight.shape
-        for s in _chunks(b, out_f * in_f * dy.element_size(), self.chunk_bytes):
-            g = torch.bmm(dy[s].transpose(1, 2), x[s].to(dy.dtype))
+        left, right = (x, dy) if transposed else (dy, x)
+        for s in _chunks(b, acc.numel() * dy.element_size(), self.chunk_bytes):
+            g = torch.bmm(left[s].transpose(1, 2), right[s])
             # Square into the accumulator per example: no squared temporary, and a bf16 g
             # squares exactly in float32 (8-bit mantissas).
             for i in range(g.shape[0]):
@@ -230,6 +255,25 @@ class FullCollector:
 
     def weights(self) -> dict[str, torch.Tensor]:
         return dict(self.params)
+
+
+def refuse_moe(model: nn.Module, granularity: str) -> None:
+    """Fused expert weights ([experts, out, in], transformers 5 MoE) and their routers have no
+    per-example gradient path here yet: say so in one line, before any data is read."""
+    for name, param in model.named_parameters():
+        if param.ndim >= 3:
+            raise EstimateError(
+                f"{type(model).__name__}: {name} {list(param.shape)} is a fused mixture-of-experts "
+                f"weight; --granularity {granularity} does not support MoE experts and routers "
+                "yet; use --statistic gram (RegMean on attention and lm_head, experts averaged)"
+            )
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 family): a Linear whose weight is stored [in, out]."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
 
 
 def _bind(fn: Any, first: Any) -> Any:

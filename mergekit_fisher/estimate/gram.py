@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from mergekit_fisher.estimate.config import EstimateError
 from mergekit_fisher.estimate.engine import input_device
-from mergekit_fisher.estimate.full import accumulator_dtype
+from mergekit_fisher.estimate.full import accumulator_dtype, is_conv1d
 from mergekit_fisher.estimate.taps import BatchState
 
 ACCUMULATED_TOKENS = "__tokens__"
@@ -38,6 +39,7 @@ class GramCollector:
     granularity = "full"
 
     def __init__(self, model: nn.Module, state: BatchState):
+        refuse_conv1d(model)
         self.model = model
         self.state = state  # the collector protocol's; forward-only runs need no batch state
         self.consumers: dict[str, str] = {}
@@ -118,3 +120,13 @@ class GramCollector:
     def weights(self) -> dict[str, torch.Tensor]:
         """The weights each Gram describes (the store binds to them)."""
         return {name: self._params[name] for name in self.consumers}
+
+
+def refuse_conv1d(model: nn.Module) -> None:
+    """GPT-2-style ``Conv1D`` weights are [in, out]: the ``regmean`` solve assumes [out, in]."""
+    name = next((n for n, m in model.named_modules() if is_conv1d(m)), None)
+    if name is not None:
+        raise EstimateError(
+            f"{type(model).__name__}: {name!r} is a transformers Conv1D (GPT-2 family), which "
+            "--statistic gram does not support yet; use --statistic fisher for this model"
+        )

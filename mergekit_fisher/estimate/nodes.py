@@ -18,6 +18,10 @@ Mapping onto weights (broadcastable tensors under the weights' own names):
 * ``paper`` (the BERT code of the paper): q/k per head as above, v and o_proj one layer mean
   of F_h ([1, 1]); FFN as above.
 
+Fused layouts map through the fused weights' row segments: Phi-3's ``qkv_proj`` rows are q | k |
+v heads and ``gate_up_proj`` rows gate | up neurons; Starcoder2's MLP is ``c_fc`` / ``c_proj``;
+GPT-2's ``Conv1D`` weights are [in, out], so its values lie along the other axis.
+
 Embeddings, norms and lm_head are not covered: the store says ``uncovered: average``.
 """
 
@@ -30,12 +34,23 @@ import torch
 from torch import nn
 
 from mergekit_fisher.estimate.config import EstimateError
-from mergekit_fisher.estimate.full import _bind, accumulator_dtype
+from mergekit_fisher.estimate.full import _bind, accumulator_dtype, is_conv1d, refuse_moe
 from mergekit_fisher.estimate.taps import BatchState, tap
 
-SUPPORTED = "Llama, Mistral, Qwen2/Qwen3, Gemma 2/3"
-_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-_MLP = ("gate_proj", "up_proj", "down_proj")
+SUPPORTED = "Llama, Mistral, Qwen2/Qwen3, Gemma 2/3, Phi-3, Starcoder2, GPT-2"
+
+# Known layouts: the projections whose output rows hold segments ("q", "k", "v" heads, "n"
+# neurons) in order, and the module whose input is masked (heads, resp. neurons).
+_ATTN_LAYOUTS: tuple[tuple[dict[str, tuple[str, ...]], str], ...] = (
+    ({"q_proj": ("q",), "k_proj": ("k",), "v_proj": ("v",)}, "o_proj"),
+    ({"qkv_proj": ("q", "k", "v")}, "o_proj"),  # Phi-3
+    ({"c_attn": ("q", "k", "v")}, "c_proj"),  # GPT-2 (Conv1D)
+)
+_MLP_LAYOUTS: tuple[tuple[dict[str, tuple[str, ...]], str], ...] = (
+    ({"gate_proj": ("n",), "up_proj": ("n",)}, "down_proj"),
+    ({"gate_up_proj": ("n", "n")}, "down_proj"),  # Phi-3: gate rows, then up rows
+    ({"c_fc": ("n",)}, "c_proj"),  # Starcoder2, GPT-2
+)
 
 
 @dataclass
@@ -43,12 +58,35 @@ class NodeLayer:
     """One decoder layer's mask sites and the projections their values cover."""
 
     prefix: str
-    attn: dict[str, nn.Linear]
-    mlp: dict[str, nn.Linear]
+    o: nn.Module  # its input is masked per query head
+    down: nn.Module  # its input is masked per neuron
+    rows: list[tuple[nn.Module, tuple[str, ...]]]  # projections and their output-row segments
     heads: int
     kv_heads: int
     head_dim: int
     neurons: int
+
+
+def _dense(module: object) -> bool:
+    return isinstance(module, nn.Linear) or (isinstance(module, nn.Module) and is_conv1d(module))
+
+
+def _out_in(module: nn.Module) -> tuple[int, int]:
+    """(outputs, inputs) of a Linear, or of a Conv1D (weight [in, out])."""
+    out, inp = module.weight.shape
+    return (inp, out) if is_conv1d(module) else (out, inp)
+
+
+def _match(
+    parent: nn.Module | None, layouts: tuple[tuple[dict[str, tuple[str, ...]], str], ...]
+) -> tuple[list[tuple[nn.Module, tuple[str, ...]]], nn.Module] | None:
+    """The first layout whose projections and site all exist as dense modules of ``parent``."""
+    for projections, site in layouts:
+        found = [(getattr(parent, k, None), segments) for k, segments in projections.items()]
+        site_module = getattr(parent, site, None)
+        if all(_dense(m) for m, _ in found) and _dense(site_module):
+            return found, site_module  # type: ignore[return-value]
+    return None
 
 
 def _num_heads(model: nn.Module) -> int:
@@ -62,11 +100,41 @@ def _num_heads(model: nn.Module) -> int:
     return int(heads)
 
 
-def find_layers(model: nn.Module) -> list[NodeLayer]:
-    """The decoder layers of ``model`` with their q/k/v/o and gate/up/down projections.
+def _layer(prefix: str, layer: nn.Module, heads: int) -> NodeLayer:
+    """Match one decoder layer against the known layouts and check the head/neuron shapes."""
+    attn = _match(getattr(layer, "self_attn", None) or getattr(layer, "attn", None), _ATTN_LAYOUTS)
+    mlp = _match(getattr(layer, "mlp", None), _MLP_LAYOUTS)
+    if attn is None or mlp is None:
+        what = "attention (q/k/v/o or fused qkv)" if attn is None else "MLP (gate/up/down or fused)"
+        raise EstimateError(
+            f"cannot map mask nodes onto module {prefix!r} ({type(layer).__name__}): its {what} "
+            f"projections are not a known layout; --granularity nodes supports {SUPPORTED} "
+            "(use --granularity full for this model)"
+        )
+    (attn_rows, o), (mlp_rows, down) = attn, mlp
+    o_in = _out_in(o)[1]
+    head_dim = o_in // heads
+    attn_out = sum(_out_in(m)[0] for m, _ in attn_rows)
+    kv = (attn_out - o_in) // (2 * head_dim) if head_dim else 0
+    if o_in % heads or not kv or attn_out != o_in + 2 * kv * head_dim or heads % kv:
+        raise EstimateError(
+            f"cannot map head masks onto {prefix}: q/k/v/o shapes do not fit {heads} heads of "
+            f"{o_in} inputs; use --granularity full"
+        )
+    neurons = _out_in(down)[1]
+    if sum(_out_in(m)[0] for m, _ in mlp_rows) != neurons * sum(len(s) for _, s in mlp_rows):
+        raise EstimateError(
+            f"cannot map neuron masks onto {prefix}: MLP shapes do not fit {neurons} neurons; "
+            "use --granularity full"
+        )
+    return NodeLayer(prefix, o, down, attn_rows + mlp_rows, heads, kv, head_dim, neurons)
 
-    Found by module structure (``self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,down}_proj``),
-    so any architecture with that layout works; anything else gets an error naming the module.
+
+def find_layers(model: nn.Module) -> list[NodeLayer]:
+    """The decoder layers of ``model`` with their projections and mask sites.
+
+    Found by module structure (see the layout tables above), so any architecture with one of
+    those layouts works; anything else gets an error naming the module.
     """
     lists = [
         (name, module)
@@ -80,48 +148,9 @@ def find_layers(model: nn.Module) -> list[NodeLayer]:
         )
     name, layers = max(lists, key=lambda item: len(item[1]))
     heads = _num_heads(model)
-    found = []
-    for i, layer in enumerate(layers):
-        prefix = f"{name}.{i}" if name else str(i)
-        attn_mod = getattr(layer, "self_attn", None)
-        mlp_mod = getattr(layer, "mlp", None)
-        attn = {k: getattr(attn_mod, k, None) for k in _ATTN}
-        mlp = {k: getattr(mlp_mod, k, None) for k in _MLP}
-        missing = [f"self_attn.{k}" for k, m in attn.items() if not isinstance(m, nn.Linear)] + [
-            f"mlp.{k}" for k, m in mlp.items() if not isinstance(m, nn.Linear)
-        ]
-        if missing:
-            raise EstimateError(
-                f"cannot map mask nodes onto module {prefix!r} ({type(layer).__name__}): it has "
-                f"no {', '.join(missing[:3])}; --granularity nodes supports {SUPPORTED} "
-                "layouts (use --granularity full for this model)"
-            )
-        o_in = attn["o_proj"].in_features  # type: ignore[union-attr]
-        if o_in % heads:
-            raise EstimateError(
-                f"cannot map head masks onto {prefix}.self_attn.o_proj: its {o_in} inputs do not "
-                f"split into {heads} heads; use --granularity full"
-            )
-        head_dim = o_in // heads
-        kv_out = attn["k_proj"].out_features  # type: ignore[union-attr]
-        kv = kv_out // head_dim
-        if kv * head_dim != kv_out or heads % kv or attn["q_proj"].out_features != o_in:  # type: ignore[union-attr]
-            raise EstimateError(
-                f"cannot map head masks onto {prefix}.self_attn: q/k/v shapes do not fit "
-                f"{heads} heads of size {head_dim}; use --granularity full"
-            )
-        found.append(
-            NodeLayer(
-                prefix=prefix,
-                attn=attn,  # type: ignore[arg-type]
-                mlp=mlp,  # type: ignore[arg-type]
-                heads=heads,
-                kv_heads=kv,
-                head_dim=head_dim,
-                neurons=mlp["down_proj"].in_features,  # type: ignore[union-attr]
-            )
-        )
-    return found
+    return [
+        _layer(f"{name}.{i}" if name else str(i), layer, heads) for i, layer in enumerate(layers)
+    ]
 
 
 class NodeCollector:
@@ -141,19 +170,20 @@ class NodeCollector:
         self.state = state
         self.mapping = mapping
         self.kv_reduce = kv_heads
+        refuse_moe(model, "nodes")
         self.layers = find_layers(model)
         self.names = {id(p): n for n, p in model.named_parameters()}
         dtype = accumulator_dtype(next(model.parameters()).dtype)
         self.accumulators: dict[str, torch.Tensor] = {}
         for layer in self.layers:
-            dev = layer.attn["o_proj"].weight.device
+            dev = layer.o.weight.device
             self.accumulators[f"{layer.prefix}.heads"] = torch.zeros(
                 layer.heads, dtype=dtype, device=dev
             )
             self.accumulators[f"{layer.prefix}.kv"] = torch.zeros(
                 layer.kv_heads, dtype=dtype, device=dev
             )
-            dev = layer.mlp["down_proj"].weight.device
+            dev = layer.down.weight.device
             self.accumulators[f"{layer.prefix}.neurons"] = torch.zeros(
                 layer.neurons, dtype=dtype, device=dev
             )
@@ -162,14 +192,10 @@ class NodeCollector:
     def install(self) -> None:
         for layer in self.layers:
             self._handles.append(
-                layer.attn["o_proj"].register_forward_pre_hook(
-                    _bind(self._pre_hook, (layer, "heads"))
-                )
+                layer.o.register_forward_pre_hook(_bind(self._pre_hook, (layer, "heads")))
             )
             self._handles.append(
-                layer.mlp["down_proj"].register_forward_pre_hook(
-                    _bind(self._pre_hook, (layer, "neurons"))
-                )
+                layer.down.register_forward_pre_hook(_bind(self._pre_hook, (layer, "neurons")))
             )
 
     def remove(self) -> None:
@@ -241,23 +267,34 @@ def map_layer(
     rows_q = heads.repeat_interleave(d)
     rows_kv = kv_values.repeat_interleave(d)
     layer_mean = heads.mean().reshape(1)
-    rows = {
-        "q_proj": rows_q,
-        "k_proj": rows_kv,
-        "v_proj": rows_kv if mapping == "heads" else layer_mean,
+    segments = {
+        "q": rows_q,
+        "k": rows_kv,
+        "v": rows_kv if mapping == "heads" else layer_mean.expand(rows_kv.numel()),
+        "n": neurons,
     }
     out: dict[str, torch.Tensor] = {}
-    for proj, values in rows.items():
-        module = layer.attn[proj]
-        out[names[id(module.weight)]] = values[:, None]
-        if module.bias is not None:
-            out[names[id(module.bias)]] = values
-    o = layer.attn["o_proj"]
-    out[names[id(o.weight)]] = rows_q[None, :] if mapping == "heads" else layer_mean[None, :]
-    for proj in ("gate_proj", "up_proj"):
-        module = layer.mlp[proj]
-        out[names[id(module.weight)]] = neurons[:, None]
-        if module.bias is not None:
-            out[names[id(module.bias)]] = neurons
-    out[names[id(layer.mlp["down_proj"].weight)]] = neurons[None, :]
+    for module, held in layer.rows:
+        values = torch.cat([segments[s] for s in held])
+        if mapping == "paper" and held == ("v",):
+            values = layer_mean  # one value for the whole separate v_proj
+        _put(out, module, values, names, along_outputs=True)
+    _put(out, layer.o, rows_q if mapping == "heads" else layer_mean, names, along_outputs=False)
+    _put(out, layer.down, neurons, names, along_outputs=False)
     return out
+
+
+def _put(
+    out: dict[str, torch.Tensor],
+    module: nn.Module,
+    values: torch.Tensor,
+    names: dict[int, str],
+    *,
+    along_outputs: bool,
+) -> None:
+    """``values`` on the weight's outputs (and bias) or inputs, in the weight's orientation
+    (Linear [out, in], Conv1D [in, out])."""
+    as_rows = along_outputs != is_conv1d(module)
+    out[names[id(module.weight)]] = values[:, None] if as_rows else values[None, :]
+    if along_outputs and getattr(module, "bias", None) is not None:
+        out[names[id(module.bias)]] = values
