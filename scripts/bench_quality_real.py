@@ -44,7 +44,14 @@ MERGEKIT_ROWS = (
     "karcher",
     "model_stock",
 )
-OUR_ROWS = ("fisher", "fisher_nodes", "regmean", "fisher_arithmetic", "fisher_arithmetic_nodes")
+OUR_ROWS = (
+    "fisher",
+    "fisher_nodes",
+    "regmean",
+    "fisher_arithmetic",
+    "fisher_arithmetic_nodes",
+    "fisher_ties",
+)
 TRIMS = {"ties": 0.5, "dare_ties": 0.5, "della": 0.5}
 """Density of the trimming methods: mergekit's default (1.0) trims nothing, so its README's 0.5."""
 STORES = {
@@ -53,8 +60,9 @@ STORES = {
     "regmean": "gram",
     "fisher_arithmetic": "full",
     "fisher_arithmetic_nodes": "nodes",
+    "fisher_ties": "full",
 }
-SIZES = {"train": 480, "calib": 64, "valid": 32, "eval": 100}
+SIZES = {"train": 480, "calib": 64, "valid": 64, "eval": 100}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -67,6 +75,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--split",
+        default="eval",
+        choices=["eval", "valid"],
+        help="score on held-out eval problems (the tables) or on valid (to choose defaults)",
+    )
     p.add_argument("--report", action="store_true", help="only print the tables from the cache")
     return p.parse_args(argv)
 
@@ -82,7 +96,7 @@ class Bench:
         self.root.mkdir(parents=True, exist_ok=True)
         self.base = smollm2.model_dir(args.workdir / "cache")
         self.tokenizer = AutoTokenizer.from_pretrained(self.base)
-        self.scores_file = self.root / "scores.jsonl"
+        self.scores_file = self.root / f"scores-{args.split}.jsonl"
 
     def data(self, task: str, split: str) -> Path:
         path = self.root / "data" / f"{task}-{split}.jsonl"
@@ -131,6 +145,10 @@ class Bench:
         return out
 
     def recipe(self, row: str, tasks: Sequence[str]) -> dict[str, Any]:
+        """A row is a method name (``_nodes``: node stores), optionally with shared parameters:
+        ``fisher_arithmetic:gamma=0.2``."""
+        row, _, extra = row.partition(":")
+        shared = {k: float(v) for k, v in (kv.split("=") for kv in extra.split(",") if kv)}
         experts = [str(self.expert(t)) for t in tasks]
         method = row.removesuffix("_nodes")
         key = "gram" if method == "regmean" else "fisher"
@@ -143,6 +161,8 @@ class Bench:
                 params["density"] = TRIMS[row]
             models.append({"model": expert, "parameters": params})
         recipe: dict[str, Any] = {"merge_method": method, "models": models, "dtype": "float32"}
+        if shared:
+            recipe["parameters"] = shared
         if method not in ("linear", "karcher", "fisher", "regmean"):
             recipe["base_model"] = str(self.base)
         return recipe
@@ -161,7 +181,8 @@ class Bench:
         tasks = SETTINGS[setting]
         result: dict[str, Any] = {"setting": setting, "row": row, "merge_seconds": seconds}
         for task in tasks:
-            items = chat_tasks.problems(task, "eval", SIZES["eval"])
+            split = self.args.split
+            items = chat_tasks.problems(task, split, SIZES[split], seed=self.seed)
             s = chat_model.score(model, self.tokenizer, items, self.root)
             result[task] = {"accuracy": s.accuracy, "loss": s.loss, "n": s.n}
         with self.scores_file.open("a") as f:
@@ -213,7 +234,7 @@ def report(args: argparse.Namespace) -> str:
         per_row: dict[str, list[float]] = {}
         per_task: dict[str, dict[str, list[float]]] = {}
         for seed in args.seeds:
-            path = args.workdir / f"seed{seed}" / "scores.jsonl"
+            path = args.workdir / f"seed{seed}" / f"scores-{args.split}.jsonl"
             if not path.exists():
                 continue
             results = {

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 from mergekit.merge_methods import MergeMethod, register, registered_methods
 
-from mergekit_fisher.methods import fisher, fisher_arithmetic, regmean
+from mergekit_fisher.methods import fisher, fisher_arithmetic, fisher_ties, regmean
 
 
 class Method(NamedTuple):
@@ -33,6 +33,7 @@ REGISTRY: tuple[Method, ...] = (
         store="fisher",
         base_store=False,
     ),
+    Method(fisher_ties.FISHER_TIES, fisher_ties.PARAMETERS, store="fisher", base_store=False),
 )
 
 RECIPE_METHODS: dict[str, tuple[tuple[str, ...], str]] = {

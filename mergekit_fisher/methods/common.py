@@ -11,7 +11,7 @@ import threading
 from collections.abc import Iterator, Sequence
 
 import torch
-from mergekit.merge_methods import PerInputValues, TensorEntry, TensorGroup
+from mergekit.merge_methods import PerInput, PerInputValues, TensorEntry, TensorGroup
 
 from mergekit_fisher.errors import FisherError
 from mergekit_fisher.store import FisherStore, StoreError, open_store
@@ -154,3 +154,36 @@ def check_shape(store: FisherStore, located: str, name: str, entry: TensorEntry)
             f"not broadcast to {name!r} {list(shape)} of model {model_label(entry.id)}: "
             "the store describes another architecture; re-estimate it on this model"
         )
+
+
+def expert_stores(
+    group: TensorGroup, fisher: PerInput[str | None]
+) -> tuple[list[TensorEntry], list[FisherStore], list[str | None]]:
+    """The experts (non-base inputs) of a task-vector method, their stores and the located
+    tensor of each (None where a node store leaves the weight uncovered)."""
+    name = group.metadata.name or "<unnamed tensor>"
+    experts = list(group.non_base)
+    stores = [store_for(e, fisher[e.id]) for e in experts]
+    located = [check_binding(s, name, e) for e, s in zip(experts, stores)]
+    for e, s, n in zip(experts, stores, located):
+        if n is None and not s.averages_uncovered:
+            raise StoreError(
+                f"Fisher store {s.ref} has no tensor for {name!r} (model {model_label(e.id)}): "
+                "re-estimate it on this model"
+            )
+        if n is not None:
+            check_shape(s, n, name, e)
+    return experts, stores, located
+
+
+def task_arithmetic(
+    base: torch.Tensor, experts: Sequence[torch.Tensor], weights: Sequence[float]
+) -> torch.Tensor:
+    """theta_b + sum_m w_m (theta_m - theta_b) in ``base``'s dtype: what the task-vector methods
+    do where no store covers a weight. Inputs are never modified."""
+    compute = torch.float64 if base.dtype == torch.float64 else torch.float32
+    theta_b = base.to(compute)
+    out = theta_b.clone()
+    for expert, w in zip(experts, weights):
+        out.add_(torch.sub(expert.to(compute), theta_b), alpha=w)
+    return out.to(base.dtype)

@@ -28,7 +28,6 @@ from mergekit.merge_methods import (
     BasePolicy,
     InputContract,
     PerInput,
-    TensorEntry,
     TensorGroup,
     merge_method,
 )
@@ -36,14 +35,12 @@ from pydantic import Field
 
 from mergekit_fisher.methods.common import (
     by_rows,
-    check_binding,
-    check_shape,
     compute_dtype,
+    expert_stores,
     note_averaged,
     row_blocks,
-    store_for,
+    task_arithmetic,
 )
-from mergekit_fisher.store import FisherStore, StoreError
 
 PARAMETERS = ("weight", "fisher", "gamma", "normalize")
 
@@ -81,24 +78,6 @@ def _merge_block(
     return out
 
 
-def _stores(
-    group: TensorGroup, fisher: PerInput[str | None]
-) -> tuple[list[TensorEntry], list[FisherStore], list[str | None]]:
-    name = group.metadata.name or "<unnamed tensor>"
-    experts = list(group.non_base)
-    stores = [store_for(e, fisher[e.id]) for e in experts]
-    located = [check_binding(s, name, e) for e, s in zip(experts, stores)]
-    for e, s, n in zip(experts, stores, located):
-        if n is None and not s.averages_uncovered:
-            raise StoreError(
-                f"Fisher store {s.ref} has no tensor for {name!r} (model of {e.id}): "
-                "re-estimate it on this model"
-            )
-        if n is not None:
-            check_shape(s, n, name, e)
-    return experts, stores, located
-
-
 def fisher_arithmetic_merge(
     group: TensorGroup,
     fisher: PerInput[str | None] = None,
@@ -108,16 +87,14 @@ def fisher_arithmetic_merge(
 ) -> torch.Tensor:
     """Fisher-arbitrated task arithmetic of one tensor group (see the module docstring)."""
     base = group.base.tensor
-    experts, stores, located = _stores(group, fisher)
+    experts, stores, located = expert_stores(group, fisher)
     if not experts:
         return base
     weights = [float(weight[e.id]) for e in experts]
     compute = compute_dtype(group.entries)
     if any(n is None for n in located):  # node stores do not cover embeddings and norms
         note_averaged("task arithmetic: not covered by node stores", group.metadata.name or "")
-        return _merge_block(
-            base, [e.tensor for e in experts], [torch.ones(1)] * len(experts), weights, 0.0, compute
-        ).to(base.dtype)
+        return task_arithmetic(base, [e.tensor for e in experts], weights)
     scales = [1.0 / s.global_norm if normalize and s.global_norm > 0 else 1.0 for s in stores]
     with contextlib.ExitStack() as stack:
         readers = [stack.enter_context(s.reader(n)) for s, n in zip(stores, located) if n]
