@@ -19,6 +19,7 @@ settings were fixed before any merge was scored (mergekit_fisher/demo/chat_tasks
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shutil
@@ -71,8 +72,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--rows", nargs="+", default=[*MERGEKIT_ROWS, *OUR_ROWS])
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    p.add_argument("--steps", type=int, default=30, help="fine-tune steps per expert")
-    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--steps", type=int, default=chat_model.GENTLE.steps, help="fine-tune steps")
+    p.add_argument("--lr", type=float, default=chat_model.GENTLE.lr, help="fine-tune peak lr")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
@@ -115,7 +116,7 @@ class Bench:
         model.to(self.args.device)
         items = chat_tasks.problems(task, "train", SIZES["train"], seed=self.seed)
         examples = chat_model.tokenize(self.tokenizer, items, self.root)
-        settings = chat_model.FinetuneSettings(steps=self.args.steps, lr=self.args.lr)
+        settings = dataclasses.replace(chat_model.GENTLE, steps=self.args.steps, lr=self.args.lr)
         chat_model.finetune(model, examples, settings, self.seed, self.tokenizer.pad_token_id, task)
         tmp = out.with_name(out.name + ".partial")
         model.save_pretrained(tmp)  # float32: a gentle fine-tune's task vector is below bf16's ulp

@@ -42,13 +42,14 @@ def variant(smol: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mergekit_fisher.demo import chat_model
+    from mergekit_fisher.demo.train import TrainSettings
 
     out = tmp_path_factory.mktemp("variant") / "model"
     tokenizer = AutoTokenizer.from_pretrained(smol)
     model = AutoModelForCausalLM.from_pretrained(smol, dtype=torch.float32)
     items = chat_tasks.problems("max", "train", 16, seed=0)
     examples = chat_model.tokenize(tokenizer, items, out.parent)
-    settings = chat_model.FinetuneSettings(steps=2, lr=1e-4, batch_size=8, warmup=1)
+    settings = TrainSettings(steps=2, lr=1e-4, batch_size=8, warmup=1)
     chat_model.finetune(model, examples, settings, seed=0, pad_id=tokenizer.pad_token_id)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

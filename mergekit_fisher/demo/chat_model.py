@@ -11,7 +11,6 @@ import logging
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,25 +18,14 @@ from tqdm.auto import tqdm
 
 from mergekit_fisher.data import Batch, Example, load_calibration_data, pad_batch
 from mergekit_fisher.demo.chat_tasks import Problem, write_jsonl
+from mergekit_fisher.demo.evaluate import TaskScore
+from mergekit_fisher.demo.train import TrainSettings
 
 LOG = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class FinetuneSettings:
-    """A gentle full fine-tune, as community experts are made."""
-
-    steps: int = 40
-    lr: float = 5e-5
-    batch_size: int = 16
-    warmup: int = 4
-
-
-@dataclass(frozen=True)
-class Score:
-    accuracy: float
-    loss: float
-    n: int
+GENTLE = TrainSettings(steps=30, lr=5e-5, batch_size=16, warmup=4)
+"""A gentle full fine-tune, as community experts are made."""
 
 
 def tokenize(tokenizer, items: Sequence[Problem], scratch: Path) -> list[Example]:  # type: ignore[no-untyped-def]
@@ -73,7 +61,7 @@ def answer_loss(
 def finetune(
     model: torch.nn.Module,
     examples: Sequence[Example],
-    settings: FinetuneSettings,
+    settings: TrainSettings,
     seed: int,
     pad_id: int,
     label: str = "expert",
@@ -126,7 +114,7 @@ def _exact(hits: torch.Tensor, labels: torch.Tensor, batch: Batch, eos_id: int) 
 
 
 @torch.no_grad()
-def score(model: torch.nn.Module, tokenizer, items: Sequence[Problem], scratch: Path) -> Score:  # type: ignore[no-untyped-def]
+def score(model: torch.nn.Module, tokenizer, items: Sequence[Problem], scratch: Path) -> TaskScore:  # type: ignore[no-untyped-def]
     """Greedy exact match and mean answer-token loss on ``items``, from one teacher-forced pass.
 
     Greedy decoding writes the answer and then the end-of-turn token exactly when each of those
@@ -141,4 +129,4 @@ def score(model: torch.nn.Module, tokenizer, items: Sequence[Problem], scratch: 
         correct += sum(_exact(logits.argmax(-1) == labels, labels, batch, tokenizer.eos_token_id))
         total += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
         count += int(labels.numel())
-    return Score(accuracy=correct / len(items), loss=total / max(count, 1), n=len(items))
+    return TaskScore(accuracy=correct / len(items), loss=total / max(count, 1), n=len(items))
