@@ -83,6 +83,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="score on held-out eval problems (the tables) or on valid (to choose defaults)",
     )
     p.add_argument("--report", action="store_true", help="only print the tables from the cache")
+    p.add_argument("--chart", type=Path, help="also draw normalized EM per method (PNG)")
     return p.parse_args(argv)
 
 
@@ -228,12 +229,10 @@ def normalized(
     )
 
 
-def report(args: argparse.Namespace) -> str:
-    """Markdown tables: per setting, each row's normalized EM (mean ± std over seeds), per task."""
-    lines = []
+def collect(args: argparse.Namespace) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """setting -> row -> {"norm": [per seed], task: [per seed accuracy]} from the cache."""
+    found: dict[str, dict[str, dict[str, list[float]]]] = {}
     for setting, tasks in SETTINGS.items():
-        per_row: dict[str, list[float]] = {}
-        per_task: dict[str, dict[str, list[float]]] = {}
         for seed in args.seeds:
             path = args.workdir / f"seed{seed}" / f"scores-{args.split}.jsonl"
             if not path.exists():
@@ -247,25 +246,54 @@ def report(args: argparse.Namespace) -> str:
             if any(v is None for v in experts.values()):
                 continue
             for row, result in results.items():
-                per_row.setdefault(row, []).append(normalized(result, experts, tasks))  # type: ignore[arg-type]
+                cell = found.setdefault(setting, {}).setdefault(row, {})
+                cell.setdefault("norm", []).append(normalized(result, experts, tasks))  # type: ignore[arg-type]
                 for t in tasks:
-                    per_task.setdefault(row, {}).setdefault(t, []).append(result[t]["accuracy"])
-        if not per_row:
-            continue
-        seeds = len(next(iter(per_row.values())))
+                    cell.setdefault(t, []).append(result[t]["accuracy"])
+    return found
+
+
+def _mean(values: list[float]) -> str:
+    spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
+    return f"{statistics.fmean(values):.3f}{spread}"
+
+
+def report(found: dict[str, dict[str, dict[str, list[float]]]]) -> str:
+    """Markdown tables: per setting, each row's EM per task and normalized EM (mean ± std)."""
+    lines = []
+    for setting, rows in found.items():
+        tasks = SETTINGS[setting]
+        seeds = max(len(cell["norm"]) for cell in rows.values())
         lines += [
             f"\n### {setting} ({', '.join(tasks)}; {seeds} seed(s))\n",
             "| model | " + " | ".join(f"EM {t}" for t in tasks) + " | norm EM |",
             "| --- |" + " ---: |" * (len(tasks) + 1),
         ]
-        for row in sorted(per_row, key=lambda r: -statistics.fmean(per_row[r])):
-            values = per_row[row]
-            spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
-            cells = [f"{statistics.fmean(per_task[row][t]):.2f}" for t in tasks]
-            lines.append(
-                f"| {row} | " + " | ".join(cells) + f" | {statistics.fmean(values):.3f}{spread} |"
-            )
+        for row in sorted(rows, key=lambda r: -statistics.fmean(rows[r]["norm"])):
+            cells = [f"{statistics.fmean(rows[row][t]):.2f}" for t in tasks]
+            lines.append(f"| {row} | " + " | ".join(cells) + f" | {_mean(rows[row]['norm'])} |")
     return "\n".join(lines)
+
+
+def chart(found: dict[str, dict[str, dict[str, list[float]]]], path: Path) -> None:
+    """Horizontal bars of normalized EM per merge row, one panel per setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(found), figsize=(6 * len(found), 6), squeeze=False)
+    for ax, (setting, rows) in zip(axes[0], found.items()):
+        merges = [r for r in rows if r != "base" and not r.startswith("expert")]
+        merges.sort(key=lambda r: statistics.fmean(rows[r]["norm"]))
+        means = [statistics.fmean(rows[r]["norm"]) for r in merges]
+        ours = [r.split(":")[0].removesuffix("_nodes") in OUR_ROWS for r in merges]
+        ax.barh(merges, means, color=["tab:orange" if o else "tab:gray" for o in ours])
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_title(f"SmolLM2-135M-Instruct, {setting}")
+        ax.set_xlabel("normalized exact match (1 = every expert kept)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -275,7 +303,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.report:
         for seed in args.seeds:
             Bench(args, seed).run()
-    print(report(args))
+    found = collect(args)
+    print(report(found))
+    if args.chart and found:
+        chart(found, args.chart)
     return 0
 
 
