@@ -93,3 +93,11 @@ def test_mixtral_stores_merge_through_mergekit(tmp_path: Path) -> None:
     merged = run_recipe(fisher_recipe(models, stores, [1.0, 2.0], normalize=True), tmp_path / "o")
     ref = dense_reference(thetas, fishers, [1.0, 2.0], normalize=True, epsilon=1e-8)
     assert_merged(merged, ref)
+
+
+def test_unknown_expert_layout_is_one_line() -> None:
+    model = tiny_model("mixtral", **MOE)
+    model.model.layers[1].mlp.experts.is_transposed = True
+    examples = random_examples([5, 3], model.config.vocab_size)
+    with pytest.raises(EstimateError, match=r"layers\.1\.mlp: .*\(transposed\).*--statistic gram"):
+        compute_fisher(model, examples, EstimateConfig())

@@ -66,6 +66,7 @@ def _check_layout(prefix: str, router: nn.Module, experts: nn.Module) -> None:
             ("transposed", getattr(experts, "is_transposed", False)),
             ("interleaved gate/up", not getattr(experts, "is_concatenated", True)),
             ("no gate", not getattr(experts, "has_gate", True)),
+            ("no _apply_gate", not hasattr(experts, "_apply_gate")),
             ("post-expert norm", getattr(experts, "has_post_expert_norm", False)),
             ("router parameters other than weight", _router_params(router) != ["weight"]),
             ("down_proj not [E, H, I]", getattr(experts.down_proj, "ndim", 0) != 3),
@@ -85,7 +86,7 @@ def _router_params(router: nn.Module) -> list[str]:
 
 
 def refuse_fused(model: nn.Module, granularity: str, hint: str, owned: set[int]) -> None:
-    """Any 3D+ weight outside ``owned`` has no per-example path: one line, before data is read."""
+    """Any 3D+ weight outside ``owned`` has no per-example path: one line, before any forward."""
     for name, param in model.named_parameters():
         if param.ndim >= 3 and id(param) not in owned:
             raise EstimateError(
