@@ -266,17 +266,6 @@ def test_unknown_model_is_one_line(tmp_path: Path) -> None:
         estimate_fisher(tmp_path / "nope", data, tmp_path / "out", progress=False)
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
-@pytest.mark.parametrize("granularity", ["full", "nodes"])
-def test_moe_is_refused_in_one_line(arch: str, granularity: str) -> None:
-    model = tiny_model(arch, num_local_experts=4, num_experts=4, num_experts_per_tok=2)
-    examples = random_examples([5, 3], model.config.vocab_size)
-    config = EstimateConfig(granularity=granularity)
-    with pytest.raises(EstimateError, match=r"mixture-of-experts.*--statistic gram") as info:
-        compute_fisher(model, examples, config)
-    assert "\n" not in str(info.value) and "experts.gate_up_proj" in str(info.value)
-
-
 def test_gpt2_store_merges_through_mergekit(tmp_path: Path) -> None:
     """Conv1D stores are keyed and shaped like the checkpoint: mergekit's gpt2 merge uses them."""
     from conftest import fisher_recipe, model_tensors, run_recipe

@@ -66,6 +66,18 @@ def reference(
     """theta* = sum w (F + eps) theta / sum w (F + eps), dense, float64; linear where 0/0."""
     thetas = [model_tensors(m) for m in models]
     fishers = [stored_fisher(s) for s in stores]
+    return dense_reference(thetas, fishers, weights, normalize=normalize, epsilon=epsilon)
+
+
+def dense_reference(
+    thetas: list[dict[str, torch.Tensor]],
+    fishers: list[dict[str, torch.Tensor]],
+    weights: list[float],
+    *,
+    normalize: bool,
+    epsilon: float,
+) -> dict[str, torch.Tensor]:
+    """``reference`` on tensors in memory (e.g. MoE weights under their fused names)."""
     norms = [
         math.sqrt(sum(float((f[n].double().expand(t[n].shape) ** 2).sum()) for n in f))
         for f, t in zip(fishers, thetas)

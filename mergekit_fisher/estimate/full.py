@@ -51,7 +51,6 @@ class FullCollector:
     granularity = "full"
 
     def __init__(self, model: nn.Module, state: BatchState, chunk_bytes: int = 256 * 1024**2):
-        refuse_moe(model, "full")
         self.model = model
         self.state = state
         self.chunk_bytes = chunk_bytes
@@ -255,18 +254,6 @@ class FullCollector:
 
     def weights(self) -> dict[str, torch.Tensor]:
         return dict(self.params)
-
-
-def refuse_moe(model: nn.Module, granularity: str) -> None:
-    """Fused expert weights ([experts, out, in], transformers 5 MoE) and their routers have no
-    per-example gradient path here yet: say so in one line, before any data is read."""
-    for name, param in model.named_parameters():
-        if param.ndim >= 3:
-            raise EstimateError(
-                f"{type(model).__name__}: {name} {list(param.shape)} is a fused mixture-of-experts "
-                f"weight; --granularity {granularity} does not support MoE experts and routers "
-                "yet; use --statistic gram (RegMean on attention and lm_head, experts averaged)"
-            )
 
 
 def is_conv1d(module: nn.Module) -> bool:

@@ -34,10 +34,12 @@ import torch
 from torch import nn
 
 from mergekit_fisher.estimate.config import EstimateError
-from mergekit_fisher.estimate.full import _bind, accumulator_dtype, is_conv1d, refuse_moe
+from mergekit_fisher.estimate.full import _bind, accumulator_dtype, is_conv1d
+from mergekit_fisher.estimate.moe import refuse_fused
 from mergekit_fisher.estimate.taps import BatchState, tap
 
 SUPPORTED = "Llama, Mistral, Qwen2/Qwen3, Gemma 2/3, Phi-3, Starcoder2, GPT-2"
+_MOE_HINT = "use --granularity full (exact for MoE) or --statistic gram"
 
 # Known layouts: the projections whose output rows hold segments ("q", "k", "v" heads, "n"
 # neurons) in order, and the module whose input is masked (heads, resp. neurons).
@@ -170,7 +172,7 @@ class NodeCollector:
         self.state = state
         self.mapping = mapping
         self.kv_reduce = kv_heads
-        refuse_moe(model, "nodes")
+        refuse_fused(model, "nodes", _MOE_HINT, owned=set())
         self.layers = find_layers(model)
         self.names = {id(p): n for n, p in model.named_parameters()}
         dtype = accumulator_dtype(next(model.parameters()).dtype)

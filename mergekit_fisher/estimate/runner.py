@@ -2,7 +2,7 @@
 
 This module owns the run around the math: loading model, tokenizer and data; device and dtype
 choice; example order and sharding; the progress bar; checkpoints; the reduction across ranks;
-and the store write. The per-example math lives in engine/full/nodes.
+and the store write. The per-example math lives in engine/full/moe/nodes.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from torch import nn
 from mergekit_fisher.estimate import checkpoint, distributed
 from mergekit_fisher.estimate.config import EstimateConfig, EstimateError, parse_dtype, run_hash
 from mergekit_fisher.estimate.engine import BatchOutcome, collate, input_device, run_batch
-from mergekit_fisher.estimate.full import FullCollector
 from mergekit_fisher.estimate.gram import GramCollector
+from mergekit_fisher.estimate.moe import MoeFullCollector, eager_experts_in_float64
 from mergekit_fisher.estimate.nodes import NodeCollector
 from mergekit_fisher.estimate.taps import BatchState
 
@@ -65,13 +65,15 @@ def make_collector(model: nn.Module, state: BatchState, config: EstimateConfig) 
         return GramCollector(model, state)
     if config.granularity == "nodes":
         return NodeCollector(model, state, mapping=config.node_mapping, kv_heads=config.kv_heads)
-    return FullCollector(model, state, chunk_bytes=config.chunk_bytes)
+    return MoeFullCollector(model, state, chunk_bytes=config.chunk_bytes)
 
 
 def prepare_model(model: nn.Module, config: EstimateConfig) -> nn.Module:
-    """Eval mode (no dropout), no parameter gradients, optional activation checkpointing."""
+    """Eval mode (no dropout), no parameter gradients, float64-capable experts, optional
+    activation checkpointing."""
     model.eval()
     model.requires_grad_(False)
+    eager_experts_in_float64(model)
     if config.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise EstimateError(

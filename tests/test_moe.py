@@ -1,0 +1,103 @@
+"""Mixture-of-experts (Mixtral, Qwen3-MoE): the full Fisher of routers and fused experts against
+the naive batch-1 float64 loop, stores under mergekit's fused names, and a fisher merge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from fisher_reference import naive_fisher, random_examples
+from test_estimate import FP32_TOL, FP64_TOL, assert_close, tiny_model
+from transformers import AutoModelForCausalLM
+
+from mergekit_fisher.estimate import EstimateConfig, EstimateError, compute_fisher, estimate_fisher
+
+torch.set_num_threads(1)
+
+MOE = dict(
+    num_local_experts=4,
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=24,
+    experts_implementation="eager",  # grouped_mm has no float64 kernel
+)
+RAGGED = [9, 17, 4, 12, 2, 6]
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("mode", ["empirical", "sampled"])
+def test_moe_matches_naive_float64(arch: str, mode: str) -> None:
+    model = tiny_model(arch, **MOE)
+    examples = random_examples(RAGGED, model.config.vocab_size, seed=3, prompt=2)
+    samples = 2 if mode == "sampled" else 1
+    ref = naive_fisher(model, examples, mode=mode, samples=samples, seed=7)
+    config = EstimateConfig(
+        mode=mode,
+        batch_size=4,
+        samples_per_example=samples,
+        seed=7,
+        gradient_checkpointing=arch == "qwen3_moe",  # router/expert taps under recompute
+    )
+    got = compute_fisher(model, examples, config).fisher
+    assert_close(got, ref, FP64_TOL)
+    params = dict(model.named_parameters())
+    for name in ("model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.gate.weight"):
+        assert got[name].shape == params[name].shape and bool((got[name] > 0).any())
+
+
+def test_moe_float32_grouped_mm_matches_naive() -> None:
+    """transformers' default experts kernel (grouped_mm) and float32, as users run it."""
+    kw = {k: v for k, v in MOE.items() if k != "experts_implementation"}
+    model = tiny_model("mixtral", dtype=torch.float32, **kw)
+    assert model.config._experts_implementation == "grouped_mm"
+    examples = random_examples(RAGGED, model.config.vocab_size, seed=4, prompt=2)
+    ref = naive_fisher(model, examples, mode="sampled", seed=1)
+    got = compute_fisher(model, examples, EstimateConfig(batch_size=3, seed=1)).fisher
+    assert_close(got, ref, FP32_TOL)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_moe_nodes_is_refused_in_one_line(arch: str) -> None:
+    model = tiny_model(arch, **MOE)
+    examples = random_examples([5, 3], model.config.vocab_size)
+    with pytest.raises(EstimateError, match=r"mixture-of-experts.*--granularity full") as info:
+        compute_fisher(model, examples, EstimateConfig(granularity="nodes"))
+    assert "\n" not in str(info.value) and "experts.gate_up_proj" in str(info.value)
+
+
+def test_mixtral_stores_merge_through_mergekit(tmp_path: Path) -> None:
+    """Stores keyed by the fused ``named_parameters()`` names line up with what mergekit merges
+    (the checkpoints hold legacy per-expert keys): the merge equals the dense formula."""
+    from conftest import fisher_recipe, run_recipe, save_tiny_model, stored_fisher
+    from test_estimate import TEXTS, write_jsonl
+    from test_methods_fisher import assert_close as assert_merged
+    from test_methods_fisher import dense_reference
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in TEXTS])
+    kw = {k: v for k, v in MOE.items() if k not in ("num_experts", "moe_intermediate_size")}
+    models = [save_tiny_model(tmp_path / f"m{i}", arch="mixtral", seed=i, **kw) for i in (1, 2)]
+    stores = [
+        estimate_fisher(
+            m, data, tmp_path / f"f{i}", progress=False, store_dtype="float32", dtype=dt
+        ).path
+        for i, (m, dt) in enumerate(zip(models, ["float64", "float32"]))  # float64: eager experts
+    ]
+    thetas = [
+        {n: p.detach() for n, p in AutoModelForCausalLM.from_pretrained(m).named_parameters()}
+        for m in models
+    ]
+    fishers = [stored_fisher(s) for s in stores]
+    assert set(fishers[0]) == set(thetas[0])
+    assert fishers[0]["model.layers.0.mlp.experts.down_proj"].shape == (4, 32, 48)
+    merged = run_recipe(fisher_recipe(models, stores, [1.0, 2.0], normalize=True), tmp_path / "o")
+    ref = dense_reference(thetas, fishers, [1.0, 2.0], normalize=True, epsilon=1e-8)
+    assert_merged(merged, ref)
+
+
+def test_unknown_expert_layout_is_one_line() -> None:
+    model = tiny_model("mixtral", **MOE)
+    model.model.layers[1].mlp.experts.is_transposed = True
+    examples = random_examples([5, 3], model.config.vocab_size)
+    with pytest.raises(EstimateError, match=r"layers\.1\.mlp: .*\(transposed\).*--statistic gram"):
+        compute_fisher(model, examples, EstimateConfig())
