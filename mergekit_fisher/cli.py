@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import click
 
@@ -70,17 +71,49 @@ def merge_command(args: tuple[str, ...]) -> None:
 
 @main.command("search")
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
-@click.option("--data", "data", multiple=True, required=True, help="Held-out data (repeatable).")
+@click.option(
+    "--data",
+    "data",
+    multiple=True,
+    required=True,
+    help="Held-out data of one task (repeatable: one source per task, each scored on its own).",
+)
 @click.option(
     "--grid",
     multiple=True,
-    help="KEY=V1,V2,... (repeatable). `weight` lists the values of every model but the first "
-    "(only ratios matter); `weight.I` those of model I (0-based; e.g. the base's anchor "
-    "strength, 0 included); shared keys such as epsilon or alpha as listed. "
-    "Default: weight=0.25,0.5,1,2,4.",
+    help="KEY=V1,V2,... (repeatable): search the recipe's own method. `weight` lists the values "
+    "of every model but the first (only ratios matter); `weight.I` those of model I (0-based; "
+    "e.g. the base's anchor strength, 0 included); shared keys such as epsilon or alpha as "
+    "listed. Default: weight=0.25,0.5,1,2,4.",
+)
+@click.option(
+    "--methods",
+    default=None,
+    help="`all` or a comma list of: linear, task_arithmetic, ties, dare_ties, della, karcher, "
+    "fisher, fisher_arithmetic, regmean. Compare methods, each on a small default grid. The recipe "
+    "lists base_model and each model once with every store it has (fisher:, gram:); methods "
+    "whose inputs are missing are skipped.",
+)
+@click.option(
+    "--objective",
+    type=click.Choice(["tasks", "tokens"]),
+    default="tasks",
+    show_default=True,
+    help="tasks: mean over --data sources of each one's mean token loss (every task counts "
+    "equally); tokens: loss pooled over all target tokens (long answers dominate).",
 )
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Best recipe (YAML).")
-@click.option("--num-samples", default=64, show_default=True, help="Held-out sequences to score.")
+@click.option(
+    "--report",
+    "report_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Also write a JSON report: every candidate, its recipe, per-source losses, objective "
+    "and seconds.",
+)
+@click.option(
+    "--num-samples", default=64, show_default=True, help="Held-out sequences scored per source."
+)
 @click.option("--max-length", default=256, show_default=True, help="Tokens per sequence.")
 @click.option(
     "--batch-size", default=8, show_default=True, help="Sequences per forward pass when scoring."
@@ -93,7 +126,10 @@ def search_command(
     recipe: str,
     data: tuple[str, ...],
     grid: tuple[str, ...],
+    methods: str | None,
+    objective: str,
     out: str,
+    report_path: str | None,
     num_samples: int,
     max_length: int,
     batch_size: int,
@@ -102,13 +138,13 @@ def search_command(
     cuda: bool,
     verbose: int,
 ) -> None:
-    """Search a recipe's merge coefficients by held-out loss; write the best recipe."""
-    import os
-    from pathlib import Path
+    """Pick a merge by held-out loss: a recipe's coefficients (--grid) or the method itself
+    (--methods); write the best as a plain recipe."""
+    import json
 
     import yaml
 
-    from mergekit_fisher.search import parse_grid, search
+    from mergekit_fisher.search import parse_grid, parse_methods, report, search
 
     _setup_logging(verbose)
     source = yaml.safe_load(Path(recipe).read_text(encoding="utf-8"))
@@ -116,6 +152,8 @@ def search_command(
         source,
         data,
         grid=parse_grid(grid),
+        methods=parse_methods(methods) if methods else None,
+        objective=objective,
         num_samples=num_samples,
         max_length=max_length,
         batch_size=batch_size,
@@ -123,17 +161,47 @@ def search_command(
         text_field=text_field,
         merge_options={"cuda": cuda},
     )
-    click.echo(f"{'held-out loss':>14}  {'seconds':>8}  candidate")
-    for candidate in sorted(result.candidates, key=lambda c: c.loss):
-        mark = "*" if candidate is result.best else " "
-        click.echo(f"{candidate.loss:>13.4f}{mark}  {candidate.seconds:>8.1f}  {candidate.label()}")
-    tmp = Path(out).with_name(f".{Path(out).name}.partial")
-    tmp.write_text(yaml.safe_dump(result.best_recipe, sort_keys=False), encoding="utf-8")
-    os.replace(tmp, out)
+    for line in _search_table(result):
+        click.echo(line)
+    _write_atomic(Path(out), yaml.safe_dump(result.best_recipe, sort_keys=False))
+    if report_path:
+        _write_atomic(Path(report_path), json.dumps(report(result), indent=2) + "\n")
     click.echo(
-        f"best: {result.best.label()} (loss {result.best.loss:.4f} on {result.sample_tokens} "
-        f"tokens); {len(result.candidates)} candidates in {result.seconds:.1f}s; wrote {out}"
+        f"best: {result.best.label()} ({objective} loss {result.best.loss:.4f} on "
+        f"{result.sample_tokens} tokens); {len(result.candidates)} candidates in "
+        f"{result.seconds:.1f}s; wrote {out}" + (f" and {report_path}" if report_path else "")
     )
+
+
+def _search_table(result) -> list[str]:  # type: ignore[no-untyped-def]
+    """One row per candidate, best first: objective, each source's loss, seconds, candidate."""
+    names = [_short(s) for s in result.samples]
+    lines = [
+        "  ".join([f"{'objective':>10}", *(f"{n[:12]:>12}" for n in names), "seconds", "candidate"])
+    ]
+    for scored in sorted(result.candidates, key=lambda c: c.loss):
+        mark = "*" if scored is result.best else " "
+        losses = (f"{x.mean:>12.4f}" for x in scored.losses)
+        lines.append(
+            "  ".join(
+                [f"{scored.loss:>9.4f}{mark}", *losses, f"{scored.seconds:>7.1f}", scored.label()]
+            )
+        )
+    return lines
+
+
+def _short(source: str) -> str:
+    """A table header for a data source: its file name without suffix."""
+    return Path(source).stem or source
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a hidden sibling, so a failed run leaves no half file."""
+    import os
+
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 @main.command("inspect")

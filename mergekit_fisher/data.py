@@ -87,6 +87,9 @@ class CalibrationData:
     examples: tuple[Example, ...]
     fingerprint: str
     sources: tuple[str, ...]
+    contents: tuple[str, ...] = ()
+    """One hash per source read, of its content only: unlike ``fingerprint`` (which includes the
+    tokenizer, i.e. the model's path), equal for two models estimated on the same data."""
 
     @property
     def num_tokens(self) -> int:
@@ -629,6 +632,7 @@ def load_calibration_data(
             split=split,
         ),
         sources=sources,
+        contents=_contents(opened),
     )
     logger.info(
         "calibration data: %d examples, %d target tokens from %s",
@@ -666,6 +670,15 @@ def _fingerprint(
     }
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()
+
+
+def _contents(opened: Sequence[_Source]) -> tuple[str, ...]:
+    """sha256 of each read source's kind and content (sources without a content hash: none)."""
+    return tuple(
+        hashlib.sha256(f"{s.identity}\0{s.content_hash}".encode()).hexdigest()
+        for s in opened
+        if s.content_hash
+    )
 
 
 @dataclass(frozen=True)

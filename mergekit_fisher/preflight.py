@@ -146,6 +146,47 @@ def warn_lossy(served: list[ServedModel]) -> None:
             )
 
 
+def _data_of(store: FisherStore) -> tuple[set[str], str | None]:
+    """(per-source content hashes, data fingerprint) a store's estimate recorded."""
+    estimator = store.config.get("estimator") or {}
+    return set(estimator.get("data_contents") or ()), estimator.get("data_fingerprint")
+
+
+def _same_data(a: FisherStore, b: FisherStore) -> bool:
+    """Whether two stores were estimated on (partly) the same data: by content where both
+    recorded it (the fingerprint includes the model's tokenizer path), else by fingerprint."""
+    (contents_a, fingerprint_a), (contents_b, fingerprint_b) = _data_of(a), _data_of(b)
+    if contents_a and contents_b:
+        return bool(contents_a & contents_b)
+    return fingerprint_a is not None and fingerprint_a == fingerprint_b
+
+
+_WARNED_ANCHOR: set[tuple[str, str]] = set()
+
+
+def warn_task_anchor(config: MergeConfiguration, served: list[ServedModel]) -> None:
+    """Once per store pair and process: a base store estimated on an expert's own task data.
+
+    On the experts' tasks the base has high loss, large gradients and a large Fisher, so such an
+    anchor pulls every element back to the base and erases the skills the merge should keep.
+    """
+    base = config.base_model.model.path if config.base_model is not None else None
+    anchors = [s for s in served if s.model == base and s.store.statistic == "fisher"]
+    for anchor in anchors:
+        for expert in (s for s in served if s.model != base):
+            pair = (str(anchor.store.path), str(expert.store.path))
+            if pair in _WARNED_ANCHOR or not _same_data(anchor.store, expert.store):
+                continue
+            _WARNED_ANCHOR.add(pair)
+            LOG.warning(
+                "base store %s was estimated on the calibration data of expert store %s: an "
+                "anchor must describe what the merge must keep (general-domain text), not the "
+                "experts' tasks, or it pulls every weight back to the base; re-estimate it on "
+                "general data (docs/merging.md#anchoring-on-the-base-model-fisher-with-the-base)",
+                *pair,
+            )
+
+
 def describe(served: ServedModel) -> str:
     """One line for the user: which store serves which model, and what it is."""
     store = served.store
@@ -184,7 +225,9 @@ def wrap_run_merge(module: ModuleType) -> None:
         out = Path(args[0] if args else kwargs["out_path"])
         created = not out.exists()
         try:
-            warn_lossy(check_recipe(merge_config))
+            served = check_recipe(merge_config)
+            warn_lossy(served)
+            warn_task_anchor(merge_config, served)
             take_averaged_report()
             try:
                 return original(merge_config, *args, **kwargs)

@@ -534,3 +534,42 @@ def test_kernel_is_thread_safe(kernel_path: str, tmp_path: Path, tiny_llama_pair
         results = list(pool.map(merge_one, names))
     for name, result in zip(names, results):
         torch.testing.assert_close(result.double(), ref[name], rtol=2e-6, atol=2e-6)
+
+
+def test_a_base_store_estimated_on_an_experts_task_data_is_warned_about(
+    tmp_path: Path, tiny_llama_pair, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    from mergekit_fisher import estimate_fisher
+    from mergekit_fisher.preflight import _WARNED_ANCHOR
+
+    expert, base = tiny_llama_pair
+    task, general = tmp_path / "task.txt", tmp_path / "general.txt"
+    task.write_text("12+34=46\n7+8=15\n")
+    general.write_text("the cat sat on the mat\nrain falls in spring\n")
+    common = {"max_length": 16, "batch_size": 2, "progress": False}
+    stores = {
+        "expert": estimate_fisher(expert, [str(task)], tmp_path / "fe", **common),
+        "on task": estimate_fisher(base, [str(task)], tmp_path / "fb-task", **common),
+        "general": estimate_fisher(base, [str(general)], tmp_path / "fb-general", **common),
+    }
+    fingerprint = "data_fingerprint"  # includes the tokenizer (model) path: never equal here
+    assert (
+        stores["expert"].config["estimator"][fingerprint]
+        != stores["on task"].config["estimator"][fingerprint]
+    )
+    for anchor, warned in (("general", False), ("on task", True)):
+        _WARNED_ANCHOR.clear()
+        caplog.clear()
+        recipe = fisher_recipe(
+            [expert, base], [stores["expert"].path, stores[anchor].path], [1.0, 0.5]
+        )
+        recipe["base_model"] = str(base)
+        with caplog.at_level("WARNING", logger="mergekit_fisher.preflight"):
+            run_recipe(recipe, tmp_path / f"out-{warned}")
+        lines = [r.getMessage() for r in caplog.records if "calibration data of" in r.getMessage()]
+        assert len(lines) == int(warned), lines
+        if warned:
+            assert (
+                str(stores["on task"].path) in lines[0] and str(stores["expert"].path) in lines[0]
+            )
+            assert "general-domain" in lines[0]

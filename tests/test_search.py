@@ -1,4 +1,5 @@
-"""Coefficient search: every candidate's loss is that of the merged model, scored independently."""
+"""Search: every candidate's per-source losses are those of the merged model, scored
+independently; ``--methods`` builds each method's recipe from one recipe of all inputs."""
 
 from __future__ import annotations
 
@@ -13,10 +14,13 @@ from conftest import fisher_recipe, make_store, run_recipe
 
 from mergekit_fisher.search import (
     SearchError,
-    apply,
+    SourceLoss,
     candidates_for,
     edge_warnings,
+    method_candidates,
+    objective,
     parse_grid,
+    parse_methods,
     search,
 )
 from mergekit_fisher.store import clear_cache
@@ -30,7 +34,7 @@ def _fresh_cache():  # type: ignore[no-untyped-def]
 
 
 def naive_loss(model_dir: Path, texts: list[str]) -> float:
-    """Per-example, unpadded next-token loss over all tokens after the first."""
+    """Per-example, unpadded next-token loss over all tokens after the first (float64)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -46,6 +50,7 @@ def naive_loss(model_dir: Path, texts: list[str]) -> float:
 
 
 TEXTS = ["12+34=46", "abc def", "hello 77", "zz+1=zz1", "merge me 5", "q"]
+LONG = ["the quick brown fox jumps over the lazy dog " * 3, "a much longer answer, 1234567890 " * 4]
 
 
 def test_grid_parsing_and_candidates() -> None:
@@ -58,7 +63,7 @@ def test_grid_parsing_and_candidates() -> None:
     }
     found = candidates_for(recipe, {"weight": [1, 2], "epsilon": [0, 1]})
     assert len(found) == 2 * 2 * 2 and all(c.weights[0] == 1.0 for c in found)
-    applied = apply(recipe, found[-1])
+    applied = found[-1].recipe
     assert [m["parameters"]["weight"] for m in applied["models"]] == [1.0, 2.0, 2.0]
     assert applied["parameters"] == {"epsilon": 1}
     assert "parameters" not in recipe["models"][1]  # the input recipe is left alone
@@ -76,25 +81,100 @@ def test_grid_parsing_and_candidates() -> None:
         candidates_for(recipe, {"weight": list(range(20))})
 
 
-def test_search_scores_each_candidate_by_its_merged_models_loss(
+def test_search_scores_each_source_by_its_merged_models_loss(
     tmp_path: Path, tiny_llama_pair
 ) -> None:  # type: ignore[no-untyped-def]
     models = list(tiny_llama_pair)
     stores = [make_store(m, tmp_path / f"f{i}", seed=i) for i, m in enumerate(models)]
-    data = tmp_path / "heldout.txt"
-    data.write_text("\n".join(TEXTS))
+    short, long = tmp_path / "short.txt", tmp_path / "long.txt"
+    short.write_text("\n".join(TEXTS))
+    long.write_text("\n".join(LONG))
     recipe = fisher_recipe(models, stores, [1.0, 1.0])
-    result = search(recipe, [str(data)], grid={"weight": [0.25, 4.0]}, batch_size=4)
+    result = search(recipe, [str(short), str(long)], grid={"weight": [0.25, 4.0]}, batch_size=4)
     assert len(result.candidates) == 2
     assert result.best.loss == min(c.loss for c in result.candidates)
     losses = {c.weights: c.loss for c in result.candidates}
     assert losses[(1.0, 0.25)] != pytest.approx(losses[(1.0, 4.0)])
-    for candidate in result.candidates:
-        out = tmp_path / f"check-{candidate.weights[1]}"
-        run_recipe(apply(recipe, candidate), out)
+    for scored in result.candidates:
+        out = tmp_path / f"check-{scored.weights[1]}"
+        run_recipe(scored.candidate.recipe, out)
         for name in ("tokenizer.json", "tokenizer_config.json"):
             (out / name).write_bytes((models[0] / name).read_bytes())
-        assert candidate.loss == pytest.approx(naive_loss(out, TEXTS), rel=1e-4)
+        expected = [naive_loss(out, TEXTS), naive_loss(out, LONG)]
+        assert [x.mean for x in scored.losses] == pytest.approx(expected, rel=1e-4)
+        assert scored.loss == pytest.approx(sum(expected) / 2, rel=1e-4)  # each task counts 1/2
+
+
+def test_objectives_weigh_tasks_equally_or_tokens() -> None:
+    losses = [SourceLoss("a", nll=10.0, tokens=10), SourceLoss("b", nll=300.0, tokens=100)]
+    assert objective(losses, "tasks") == pytest.approx((1.0 + 3.0) / 2)
+    assert objective(losses, "tokens") == pytest.approx(310.0 / 110)
+    with pytest.raises(SearchError, match="tasks, tokens"):
+        objective(losses, "words")
+
+
+ALL_INPUTS = {
+    "base_model": "base",
+    "models": [
+        {"model": "base", "parameters": {"fisher": "fb"}},  # an anchor store: never used here
+        {"model": "e1", "parameters": {"weight": 2.0, "fisher": "f1", "gram": "g1"}},
+        {"model": "e2", "parameters": {"fisher": "f2", "gram": "g2"}},
+    ],
+    "merge_method": "fisher",
+    "parameters": {"normalize": False},
+    "dtype": "float32",
+    "out_dtype": "bfloat16",
+}
+
+
+def test_methods_build_each_methods_own_recipe(caplog: pytest.LogCaptureFixture) -> None:
+    found = method_candidates(ALL_INPUTS, parse_methods("all"))
+    by_method: dict[str, list] = {}
+    for c in found:
+        by_method.setdefault(c.method, []).append(c.recipe)
+        assert c.recipe["merge_method"] == c.method
+        assert [m["model"] for m in c.recipe["models"]] == ["e1", "e2"]  # experts only
+        assert c.recipe["dtype"] == "float32" and c.recipe["out_dtype"] == "bfloat16"
+    assert {m: len(r) for m, r in by_method.items()} == {
+        "linear": 1,
+        "karcher": 1,
+        "task_arithmetic": 3,
+        "ties": 2,
+        "dare_ties": 2,
+        "della": 2,
+        "fisher": 1,
+        "fisher_arithmetic": 4,
+        "regmean": 1,
+    }
+    for method, recipes in by_method.items():
+        needs_base = method not in ("linear", "karcher", "fisher", "regmean")
+        for recipe in recipes:
+            assert ("base_model" in recipe) == needs_base
+            params = [m.get("parameters", {}) for m in recipe["models"]]
+            stores = {k for p in params for k in p if k in ("fisher", "gram")}
+            expected = {"fisher": {"fisher"}, "fisher_arithmetic": {"fisher"}, "regmean": {"gram"}}
+            assert stores == expected.get(method, set())
+    assert by_method["fisher"][0]["models"][0]["parameters"] == {"weight": 1.0, "fisher": "f1"}
+    assert [r["parameters"]["gamma"] for r in by_method["fisher_arithmetic"]] == [0, 0.05, 0.2, 0.5]
+    assert [r["models"][1]["parameters"]["weight"] for r in by_method["task_arithmetic"]] == [
+        0.5,
+        0.75,
+        1.0,
+    ]
+    assert {r["models"][0]["parameters"]["density"] for r in by_method["ties"]} == {0.5, 0.7}
+    assert "parameters" not in by_method["linear"][0]  # the input's shared values are dropped
+
+    no_gram = {**ALL_INPUTS, "models": [{"model": "e1", "parameters": {"fisher": "f1"}}]}
+    no_gram = {k: v for k, v in no_gram.items() if k != "base_model"}
+    with caplog.at_level("WARNING", logger="mergekit_fisher"):
+        found = method_candidates(no_gram, ["fisher", "regmean", "ties"])
+    assert [c.method for c in found] == ["fisher"]
+    assert "skipping regmean: model e1 has no `gram:` store" in caplog.text
+    assert "skipping ties: it needs base_model" in caplog.text
+    with pytest.raises(SearchError, match="no default grid for \\['slerp'\\]"):
+        parse_methods("linear,slerp")
+    with pytest.raises(SearchError, match="use one of them"):
+        search(ALL_INPUTS, ["x.txt"], grid={"weight": [1]}, methods=["linear"])
 
 
 def test_search_cli_writes_best_recipe(tmp_path: Path, tiny_llama_pair) -> None:  # type: ignore[no-untyped-def]
@@ -124,3 +204,57 @@ def test_search_cli_writes_best_recipe(tmp_path: Path, tiny_llama_pair) -> None:
     assert "best:" in result.output and result.output.count("weights=") == 5
     best = yaml.safe_load((tmp_path / "best.yml").read_text())
     assert best["merge_method"] == "fisher" and best["parameters"]["epsilon"] in (1e-8, 1e-3)
+
+
+def test_search_cli_methods_writes_the_argmin_and_a_report(
+    tmp_path: Path, tiny_llama, tiny_llama_pair
+) -> None:  # type: ignore[no-untyped-def]
+    from mergekit.config import MergeConfiguration
+
+    from mergekit_fisher.cli import main
+
+    experts = list(tiny_llama_pair)
+    stores = [make_store(m, tmp_path / f"f{i}", seed=i) for i, m in enumerate(experts)]
+    recipe = {
+        "merge_method": "fisher",
+        "base_model": str(tiny_llama),
+        "models": [
+            {"model": str(m), "parameters": {"fisher": str(s)}} for m, s in zip(experts, stores)
+        ],
+        "dtype": "float32",
+    }
+    (tmp_path / "all.yml").write_text(yaml.safe_dump(recipe))
+    sources = [tmp_path / "add.txt", tmp_path / "long.jsonl"]
+    sources[0].write_text("\n".join(TEXTS))
+    sources[1].write_text("\n".join(json.dumps({"text": t}) for t in LONG))
+    args = [
+        "search",
+        str(tmp_path / "all.yml"),
+        "--methods",
+        "linear,task_arithmetic,fisher_arithmetic",
+    ]
+    for source in sources:
+        args += ["--data", str(source)]
+    args += ["--out", str(tmp_path / "best.yml"), "--report", str(tmp_path / "report.json")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    rows = report["candidates"]
+    assert [r["method"] for r in rows] == ["linear"] + ["task_arithmetic"] * 3 + [
+        "fisher_arithmetic"
+    ] * 4
+    assert report["objective"] == "tasks" and set(report["sources"]) == {str(s) for s in sources}
+    for row in rows:
+        assert set(row["losses"]) == {str(s) for s in sources} and row["seconds"] > 0
+        assert row["objective"] == pytest.approx(sum(row["losses"].values()) / 2)
+    best = min(rows, key=lambda r: r["objective"])
+    assert report["best"] == best["label"] and f"best: {best['label']}" in result.output
+    written = yaml.safe_load((tmp_path / "best.yml").read_text())
+    assert written == best["recipe"] == report["best_recipe"]
+    MergeConfiguration.model_validate(written)
+    run_recipe(written, tmp_path / "merged")  # a plain recipe that merges as written
+    header = next(line for line in result.output.splitlines() if "objective" in line)
+    assert "add" in header and "long" in header and "seconds" in header
+    gamma0 = next(r for r in rows if r["label"].endswith("gamma=0.0"))
+    ta1 = next(r for r in rows if r["label"] == "task_arithmetic weight=1.0")
+    assert gamma0["objective"] == pytest.approx(ta1["objective"], rel=1e-5)  # gamma 0 == TA

@@ -548,6 +548,7 @@ def _estimator_metadata(
         "seed": config.seed,
         "samples_per_example": draws,
         "data_fingerprint": run.calib.fingerprint,
+        "data_contents": list(run.calib.contents),
         "data_sources": list(run.calib.sources),
         "dtype": str(run.dtype).removeprefix("torch."),
         "skipped_nonfinite": counts["skipped"],
