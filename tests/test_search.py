@@ -144,6 +144,7 @@ def test_methods_build_each_methods_own_recipe(caplog: pytest.LogCaptureFixture)
         "della": 2,
         "fisher": 1,
         "fisher_arithmetic": 4,
+        "fisher_ties": 2,
         "regmean": 1,
     }
     for method, recipes in by_method.items():
@@ -152,7 +153,12 @@ def test_methods_build_each_methods_own_recipe(caplog: pytest.LogCaptureFixture)
             assert ("base_model" in recipe) == needs_base
             params = [m.get("parameters", {}) for m in recipe["models"]]
             stores = {k for p in params for k in p if k in ("fisher", "gram")}
-            expected = {"fisher": {"fisher"}, "fisher_arithmetic": {"fisher"}, "regmean": {"gram"}}
+            expected = {
+                "fisher": {"fisher"},
+                "fisher_arithmetic": {"fisher"},
+                "fisher_ties": {"fisher"},
+                "regmean": {"gram"},
+            }
             assert stores == expected.get(method, set())
     assert by_method["fisher"][0]["models"][0]["parameters"] == {"weight": 1.0, "fisher": "f1"}
     assert [r["parameters"]["gamma"] for r in by_method["fisher_arithmetic"]] == [0, 0.05, 0.2, 0.5]
@@ -162,6 +168,7 @@ def test_methods_build_each_methods_own_recipe(caplog: pytest.LogCaptureFixture)
         1.0,
     ]
     assert {r["models"][0]["parameters"]["density"] for r in by_method["ties"]} == {0.5, 0.7}
+    assert {r["models"][1]["parameters"]["density"] for r in by_method["fisher_ties"]} == {1.0, 0.7}
     assert "parameters" not in by_method["linear"][0]  # the input's shared values are dropped
 
     no_gram = {**ALL_INPUTS, "models": [{"model": "e1", "parameters": {"fisher": "f1"}}]}

@@ -52,6 +52,9 @@ METHOD_GRIDS: dict[str, MethodGrid] = {
     "fisher_arithmetic": MethodGrid(
         "fisher", True, _points("gamma", (0.0, 0.05, 0.2, 0.5), per_model=False, weight=1.0)
     ),
+    "fisher_ties": MethodGrid(
+        "fisher", True, _points("density", (1.0, 0.7), per_model=True, weight=1.0)
+    ),
     "regmean": MethodGrid(store="gram", needs_base=False),
 }
 STORE_KEYS = frozenset(g.store for g in METHOD_GRIDS.values() if g.store)
