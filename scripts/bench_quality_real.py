@@ -14,6 +14,10 @@ settings were fixed before any merge was scored (mergekit_fisher/demo/chat_tasks
 
     python scripts/bench_quality_real.py --workdir /tmp/real --seeds 0 1 2
     python scripts/bench_quality_real.py --workdir /tmp/real --report   # tables from the cache
+
+A row is a method (``fisher_nodes``: node stores), optionally with shared parameters
+(``fisher_arithmetic:gamma=0.2``), or ``searched[:m1+m2+...]``: ``search --methods`` (default
+all) on each task's valid split, its pick scored on eval like every other row.
 """
 
 from __future__ import annotations
@@ -169,6 +173,33 @@ class Bench:
             recipe["base_model"] = str(self.base)
         return recipe
 
+    def searched_recipe(self, methods: str, tasks: Sequence[str]) -> dict[str, Any]:
+        """``search --methods`` on each task's valid split (per-task objective): the recipe it
+        picks. Every store each method may use is listed; the search chooses."""
+        from mergekit_fisher.search import parse_methods, search
+
+        models = [
+            {
+                "model": str(self.expert(t)),
+                "parameters": {
+                    "fisher": str(self.store(t, "full")),
+                    "gram": str(self.store(t, "gram")),
+                },
+            }
+            for t in tasks
+        ]
+        inputs = {"base_model": str(self.base), "models": models, "dtype": "float32"}
+        result = search(
+            inputs,
+            [str(self.data(t, "valid")) for t in tasks],
+            methods=parse_methods(methods.replace("+", ",")),
+            num_samples=SIZES["valid"],
+            device=self.args.device,
+            scratch=self.root,
+        )
+        LOG.info("seed %d search picked %s", self.seed, result.best.label())
+        return result.best_recipe
+
     def done(self) -> dict[tuple[str, str], dict[str, Any]]:
         if not self.scores_file.exists():
             return {}
@@ -211,7 +242,12 @@ class Bench:
             for row in self.args.rows:
                 if (setting, row) in done:
                     continue
-                recipe = self.recipe(row, tasks)
+                name, _, methods = row.partition(":")
+                recipe = (
+                    self.searched_recipe(methods or "all", tasks)
+                    if name == "searched"
+                    else self.recipe(row, tasks)
+                )
                 out = self.root / "merged"
                 shutil.rmtree(out, ignore_errors=True)
                 started = time.perf_counter()
