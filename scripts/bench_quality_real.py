@@ -284,6 +284,9 @@ def collect(args: argparse.Namespace) -> dict[str, dict[str, dict[str, list[floa
             for row, result in results.items():
                 cell = found.setdefault(setting, {}).setdefault(row, {})
                 cell.setdefault("norm", []).append(normalized(result, experts, tasks))  # type: ignore[arg-type]
+                cell.setdefault("loss", []).append(
+                    statistics.fmean(result[t]["loss"] for t in tasks)
+                )
                 for t in tasks:
                     cell.setdefault(t, []).append(result[t]["accuracy"])
     return found
@@ -302,12 +305,15 @@ def report(found: dict[str, dict[str, dict[str, list[float]]]]) -> str:
         seeds = max(len(cell["norm"]) for cell in rows.values())
         lines += [
             f"\n### {setting} ({', '.join(tasks)}; {seeds} seed(s))\n",
-            "| model | " + " | ".join(f"EM {t}" for t in tasks) + " | norm EM |",
-            "| --- |" + " ---: |" * (len(tasks) + 1),
+            "| model | " + " | ".join(f"EM {t}" for t in tasks) + " | answer loss | norm EM |",
+            "| --- |" + " ---: |" * (len(tasks) + 2),
         ]
         for row in sorted(rows, key=lambda r: -statistics.fmean(rows[r]["norm"])):
             cells = [f"{statistics.fmean(rows[row][t]):.2f}" for t in tasks]
-            lines.append(f"| {row} | " + " | ".join(cells) + f" | {_mean(rows[row]['norm'])} |")
+            loss = f"{statistics.fmean(rows[row]['loss']):.3f}"
+            lines.append(
+                f"| {row} | " + " | ".join(cells) + f" | {loss} | {_mean(rows[row]['norm'])} |"
+            )
     return "\n".join(lines)
 
 
