@@ -2,28 +2,40 @@
 
 Prints tokens/s of (a) a batched training step (forward + backward with parameter gradients,
 no optimizer), (b) the full per-example Fisher estimator, (c) the mask-node estimator and
-(d) RegMean's Gram statistics (forward + X^T X), their ratios to (a), peak GPU memory, and store bytes of nodes vs full (measured at the benchmark
-size, analytic at the 1.1B Llama shape).
+(d) RegMean's Gram statistics (forward + X^T X), their ratios to (a), peak GPU memory, and
+store bytes of nodes vs full (measured at the benchmark size, analytic at the 1.1B Llama shape).
+
+The phases are interleaved: each of ``--rounds`` rounds times ``--steps`` steps of every phase
+in turn, and each ratio is taken within its round (against (a) of the same round), so load
+from other jobs hits the anchor and the estimators alike; the table gives the median ratio and
+the range over rounds. Each estimator's collector (its accumulators) is built once, untimed,
+as in a real run of many batches; its build time is printed separately.
 
     python scripts/bench_estimate.py --preset cpu      # ~1 min on 2 CPU cores
     python scripts/bench_estimate.py --preset h100     # TinyLlama-1.1B shape, seq 1024, bf16
+    python scripts/bench_estimate.py --model PATH --seq-len 64 256 1024   # any local model
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import math
 import platform
+import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from mergekit_fisher.data import Example
 from mergekit_fisher.estimate import EstimateConfig, compute_fisher
-from mergekit_fisher.estimate.nodes import NodeCollector, find_layers
+from mergekit_fisher.estimate.nodes import find_layers
+from mergekit_fisher.estimate.runner import make_collector, prepare_model
+from mergekit_fisher.estimate.taps import BatchState
 
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": dict(hidden=256, intermediate=704, layers=4, heads=8, kv=4, vocab=4096, seq=256,
@@ -32,6 +44,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                  seq=1024, batch=8, steps=10, dtype="bfloat16", device="cuda"),
 }  # fmt: skip
 LLAMA_1B = dict(hidden=2048, intermediate=5632, layers=22, heads=32, kv=4, vocab=32000)
+PHASES: dict[str, dict[str, str]] = {
+    "(b) Fisher, full": {"granularity": "full"},
+    "(c) Fisher, nodes": {"granularity": "nodes"},
+    "(d) Gram (RegMean)": {"statistic": "gram"},
+}
+TRAIN = "(a) training step"
 
 
 def llama_config(s: dict[str, Any]) -> LlamaConfig:
@@ -52,132 +70,177 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def peak_gib(device: torch.device) -> str:
-    if device.type != "cuda":
-        return "n/a (CPU)"
-    return f"{torch.cuda.max_memory_allocated(device) / 1024**3:.2f} GiB"
-
-
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def bench_train(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> float:
-    """Tokens/s of forward + backward (parameter grads), the batch loss as in training."""
-    model.requires_grad_(True)
-    device = ids.device
+def peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 1024**3 if device.type == "cuda" else None
+
+
+@dataclass
+class Phase:
+    """One timed workload: ``step`` runs one batch; rates and peak memory over rounds."""
+
+    step: Callable[[], Any]
+    rates: list[float] = field(default_factory=list)
+    peak: float | None = None
+
+
+def train_step(model: nn.Module, ids: torch.Tensor) -> Callable[[], None]:
+    """Forward + backward with parameter gradients, the batch loss as in training."""
 
     def step() -> None:
+        model.requires_grad_(True)
         out = model(input_ids=ids, labels=ids, use_cache=False)
         out.loss.backward()
         for p in model.parameters():
             p.grad = None
+        model.requires_grad_(False)
 
-    step()
-    sync(device)
-    reset_peak(device)
-    began = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    model.requires_grad_(False)
-    return ids.numel() * steps / (time.perf_counter() - began)
+    return step
 
 
-def bench_fisher(
-    model: torch.nn.Module, ids: torch.Tensor, steps: int, **settings: Any
-) -> tuple[float, Any]:
-    """Tokens/s of the estimator on the same batches (sampled mode, one draw)."""
+def estimate_step(
+    model: nn.Module, ids: torch.Tensor, settings: dict[str, str]
+) -> tuple[Callable[[], Any], float]:
+    """One batch of an estimator (sampled mode, one draw) and its collector's build seconds."""
     b, t = ids.shape
-    rows = ids.cpu().tolist()
-    examples = [Example(tuple(r), (False,) + (True,) * (t - 1)) for r in rows]
+    examples = [Example(tuple(r), (False,) + (True,) * (t - 1)) for r in ids.cpu().tolist()]
     config = EstimateConfig(batch_size=b, progress=False, **settings)
-    compute_fisher(model, examples, config)  # warm-up (and allocator)
-    sync(ids.device)
-    reset_peak(ids.device)
     began = time.perf_counter()
-    result = None
-    for _ in range(steps):
-        result = compute_fisher(model, examples, config)
+    prepare_model(model, config)
+    collector = make_collector(model, BatchState(), config)
     sync(ids.device)
-    return b * t * steps / (time.perf_counter() - began), result
+    built = time.perf_counter() - began
+
+    def step() -> Any:
+        return compute_fisher(model, examples, config, collector=collector)
+
+    return step, built
 
 
-def store_bytes(fisher: dict[str, torch.Tensor], itemsize: int = 2) -> int:
-    return sum(t.numel() * itemsize for t in fisher.values())
+def run_phases(
+    phases: dict[str, Phase], tokens: int, steps: int, rounds: int, device: torch.device
+) -> None:
+    """Warm every phase up once, then ``rounds`` interleaved rounds of ``steps`` steps each."""
+    for phase in phases.values():
+        phase.step()
+    for _ in range(rounds):
+        for phase in phases.values():
+            sync(device)
+            reset_peak(device)
+            began = time.perf_counter()
+            for _ in range(steps):
+                phase.step()
+            sync(device)
+            phase.rates.append(tokens * steps / (time.perf_counter() - began))
+            peak = peak_gib(device)
+            phase.peak = peak if phase.peak is None or peak is None else max(phase.peak, peak)
 
 
-def analytic_ratio(shape: dict[str, Any]) -> tuple[int, int]:
-    """(full, nodes) stored elements at a shape, from a meta-device model (no memory)."""
+def report(phases: dict[str, Phase]) -> None:
+    anchor = phases[TRAIN].rates
+    head = f"{'':22}{'tokens/s':>12}{'x train':>10}{'range':>14}{'peak GPU mem':>14}"
+    print(head)
+    for label, phase in phases.items():
+        ratios = [r / a for r, a in zip(phase.rates, anchor, strict=True)]
+        spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
+        mem = f"{phase.peak:.2f} GiB" if phase.peak is not None else "n/a (CPU)"
+        print(
+            f"{label:22}{statistics.median(phase.rates):12,.0f}"
+            f"{statistics.median(ratios):10.2f}{spread:>14}{mem:>14}"
+        )
+
+
+def bench_shape(
+    model: nn.Module, vocab: int, batch: int, seq: int, args: argparse.Namespace
+) -> None:
+    device = next(model.parameters()).device
+    ids = torch.randint(0, vocab, (batch, seq), device=device)
+    phases = {TRAIN: Phase(train_step(model, ids))}
+    built: dict[str, float] = {}
+    for label, settings in PHASES.items():
+        step, built[label] = estimate_step(model, ids, settings)
+        phases[label] = Phase(step)
+    print(
+        f"\nshape: batch {batch} x seq {seq}; {args.rounds} interleaved rounds of {args.steps} steps"
+    )
+    run_phases(phases, batch * seq, args.steps, args.rounds, device)
+    report(phases)
+    print(
+        "collector build (once per run): "
+        + ", ".join(f"{k[4:]} {v:.2f} s" for k, v in built.items())
+    )
+
+
+def store_sizes(model: nn.Module) -> None:
+    """Stored elements (bf16) of full vs node stores for ``model`` and the 1.1B Llama shape."""
+    full, nodes = store_elements(model)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(llama_config(shape))
+        big = AutoModelForCausalLM.from_config(llama_config(LLAMA_1B))
+    full_1b, nodes_1b = store_elements(big)
+    print(f"store (bf16): full {full * 2 / 1024**2:.2f} MiB, nodes {nodes * 2 / 1024:.1f} KiB, "
+          f"1/{full / nodes:.0f}; at the 1.1B Llama shape: full {full_1b * 2 / 1e9:.2f} GB, "
+          f"nodes {nodes_1b * 2 / 1e6:.2f} MB, 1/{full_1b / nodes_1b:.0f}")  # fmt: skip
+
+
+def store_elements(model: nn.Module) -> tuple[int, int]:
     full = sum(p.numel() for p in model.parameters())
-    nodes = 0
-    for layer in find_layers(model):
-        d = layer.head_dim
-        nodes += 2 * layer.heads * d + 2 * layer.kv_heads * d + 3 * layer.neurons
+    nodes = sum(
+        2 * layer.heads * layer.head_dim + 2 * layer.kv_heads * layer.head_dim + 3 * layer.neurons
+        for layer in find_layers(model)
+    )
     return full, nodes
+
+
+def load_model(args: argparse.Namespace, s: dict[str, Any]) -> tuple[nn.Module, str]:
+    """The ``--model`` directory, or a random Llama of the preset's shape; and its description."""
+    device = torch.device(args.device or s["device"])
+    dtype = getattr(torch, args.dtype or s["dtype"])
+    torch.manual_seed(0)
+    if args.model:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+        desc = f"{args.model} ({type(model).__name__})"
+    else:
+        model = AutoModelForCausalLM.from_config(llama_config(s))
+        desc = (f"random Llama (hidden {s['hidden']}, {s['layers']} layers, {s['heads']} heads / "
+                f"{s['kv']} kv, vocab {s['vocab']})")  # fmt: skip
+    model = model.to(device=device, dtype=dtype).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
+    )
+    return model, f"{desc}, {n_params / 1e6:.1f}M params, {dtype} on {where}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--model", help="a local model directory (instead of the preset's shape)")
+    parser.add_argument("--device", help="default: the preset's (cpu, resp. cuda)")
+    parser.add_argument("--dtype", help="default: the preset's (float32, resp. bfloat16)")
     parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--seq-len", type=int)
-    parser.add_argument("--steps", type=int)
+    parser.add_argument("--seq-len", type=int, nargs="+", help="one or more sequence lengths")
+    parser.add_argument("--steps", type=int, help="timed steps per phase and round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     s = dict(PRESETS[args.preset])
-    s.update(
-        {
-            k: v
-            for k, v in {"batch": args.batch_size, "seq": args.seq_len, "steps": args.steps}.items()
-            if v
-        }
-    )
+    args.steps = args.steps or s["steps"]
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(s["device"])
-    dtype = getattr(torch, s["dtype"])
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(llama_config(s)).to(device=device, dtype=dtype).eval()
-    n_params = sum(p.numel() for p in model.parameters())
-    ids = torch.randint(0, s["vocab"], (s["batch"], s["seq"]), device=device)
-    name = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
-    )
-    print(f"model: Llama {n_params / 1e6:.1f}M params (hidden {s['hidden']}, {s['layers']} layers, "
-          f"{s['heads']} heads / {s['kv']} kv, vocab {s['vocab']}), {s['dtype']} on {name}")  # fmt: skip
-    print(f"shape: batch {s['batch']} x seq {s['seq']}, {s['steps']} timed steps each")
-
-    train = bench_train(model, ids, s["steps"])
-    train_mem = peak_gib(device)
-    full, full_result = bench_fisher(model, ids, s["steps"], granularity="full")
-    full_mem = peak_gib(device)
-    nodes, nodes_result = bench_fisher(model, ids, s["steps"], granularity="nodes")
-    nodes_mem = peak_gib(device)
-    gram, _ = bench_fisher(model, ids, s["steps"], statistic="gram")
-    gram_mem = peak_gib(device)
-    print(f"{'':22}{'tokens/s':>12}{'x train':>10}{'peak GPU mem':>16}")
-    for label, rate, mem in [
-        ("(a) training step", train, train_mem),
-        ("(b) Fisher, full", full, full_mem),
-        ("(c) Fisher, nodes", nodes, nodes_mem),
-        ("(d) Gram (RegMean)", gram, gram_mem),
-    ]:
-        print(f"{label:22}{rate:12,.0f}{rate / train:10.2f}{mem:>16}")
-    fb, nb = store_bytes(full_result.fisher), store_bytes(nodes_result.fisher)
-    print(f"store (bf16 tensors): full {fb / 1024**2:.2f} MiB, nodes {nb / 1024:.1f} KiB, "
-          f"ratio 1/{fb / nb:.0f} at this size")  # fmt: skip
-    full_1b, nodes_1b = analytic_ratio(LLAMA_1B)
-    print(f"analytic at the 1.1B Llama shape: full {full_1b * 2 / 1e9:.2f} GB, nodes "
-          f"{nodes_1b * 2 / 1e6:.2f} MB, ratio 1/{full_1b / nodes_1b:.0f}")  # fmt: skip
-    assert isinstance(nodes_result.collector, NodeCollector) and math.isfinite(nodes)
+    model, desc = load_model(args, s)
+    print(f"model: {desc}")
+    vocab = model.get_output_embeddings().weight.shape[0]
+    for seq in args.seq_len or [s["seq"]]:
+        bench_shape(model, vocab, args.batch_size or s["batch"], seq, args)
+    store_sizes(model)
 
 
 if __name__ == "__main__":

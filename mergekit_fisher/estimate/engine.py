@@ -64,6 +64,42 @@ def sample_targets(logits: torch.Tensor, seed: int, index: int, draw: int) -> to
     return out
 
 
+class TargetLogLik(torch.autograd.Function):
+    """Per example, sum over target positions t of log softmax(logits[t])[labels[t]], where
+    ``logits`` [B, T, V] holds every position and ``lse``, ``labels``, ``targets`` [B, T - 1]
+    the predicting ones (``lse`` = logsumexp of those logits, computed once by the caller).
+
+    The backward writes d/dlogits = w (onehot(labels) - exp(logits - lse)), with w the
+    incoming gradient at target positions and 0 elsewhere (and at the last position), into one
+    tensor in one pass: the same values, in the same order of operations, as autograd's
+    gather, logsumexp and slice backwards, without their vocabulary-sized zero fills and copies.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        logits: torch.Tensor,
+        lse: torch.Tensor,
+        labels: torch.Tensor,
+        targets: torch.Tensor,
+    ) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(logits, lse, labels, targets)
+        picked = logits[:, :-1].gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse
+        return torch.where(targets, picked, 0).sum(1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):  # type: ignore[override]
+        logits, lse, labels, targets = ctx.saved_tensors
+        w = torch.where(targets, grad.unsqueeze(1), 0).unsqueeze(-1)
+        out = torch.empty_like(logits)
+        body = out[:, :-1]
+        torch.sub(logits[:, :-1], lse.unsqueeze(-1), out=body)
+        body.exp_().mul_(-w)
+        body.scatter_add_(-1, labels.unsqueeze(-1), w)
+        out[:, -1].zero_()
+        return out, None, None, None
+
+
 @dataclass
 class Batch:
     """Right-padded examples: positions match the unbatched sequence exactly."""
@@ -121,9 +157,9 @@ def run_batch(
     state.begin(batch.lengths, skip_nonfinite, batch.input_ids.device)
     try:
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        logits = out.logits[:, :-1]
-        work = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        logits = logits.to(work)
+        work = torch.float64 if out.logits.dtype == torch.float64 else torch.float32
+        full_logits = out.logits.to(work)
+        logits = full_logits.detach()[:, :-1]
         targets = batch.target_mask[:, 1:].to(logits.device)
         lse = torch.logsumexp(logits, -1)
         finite = torch.isfinite(torch.where(targets, lse, 0).sum(1))
@@ -137,8 +173,7 @@ def run_batch(
         draws = samples_per_example if mode == "sampled" else 1
         for k in range(draws):
             labels = _labels(batch, logits, targets, mode, seed, k)
-            picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse
-            loglik = torch.where(targets, picked, 0).sum(1)
+            loglik = TargetLogLik.apply(full_logits, lse, labels, targets)
             torch.where(keep, loglik, 0).sum().backward(retain_graph=k < draws - 1)
         late = [i for i in state.nonfinite() if i not in bad]
         if late and not skip_nonfinite:
@@ -167,8 +202,15 @@ def _labels(
         for i, index in enumerate(batch.indices):
             pos = torch.nonzero(targets[i]).flatten()
             if len(pos):
-                labels[i, pos] = sample_targets(logits[i, pos].detach(), seed, index, draw)
+                labels[i, pos] = sample_targets(_rows(logits[i], pos), seed, index, draw)
     return labels
+
+
+def _rows(logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """``logits[pos]`` for sorted positions: a view (no vocabulary-sized copy) when they are
+    one contiguous run, as for every example whose targets are not interleaved with context."""
+    first, last = int(pos[0]), int(pos[-1])
+    return logits[first : last + 1] if last - first + 1 == len(pos) else logits[pos]
 
 
 def _nonfinite(index: int, what: str, describe: Any) -> EstimateError:

@@ -39,10 +39,19 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _chunks(batch: int, per_example_bytes: int, budget: int) -> Iterator[slice]:
-    step = max(1, budget // max(per_example_bytes, 1))
-    for start in range(0, batch, step):
-        yield slice(start, min(start + step, batch))
+CPU_BLOCK_BYTES = 2 * 1024**2
+"""Per-example gradient block on CPU: small enough that a block and its accumulator rows stay
+in cache (L2/L3) while every example of the batch is squared in."""
+
+
+def _blocks(batch: int, rows: int, row_bytes: int, budget: int) -> Iterator[tuple[slice, slice]]:
+    """(examples, rows) blocks of at most ``budget`` bytes of per-example gradient, rows outer:
+    all examples of the batch per block of rows when one row of each fits, fewer otherwise."""
+    per_block = max(1, min(batch, budget // max(row_bytes, 1)))
+    row_step = max(1, min(rows, budget // max(row_bytes * per_block, 1)))
+    for r in range(0, rows, row_step):
+        for e in range(0, batch, per_block):
+            yield slice(e, min(e + per_block, batch)), slice(r, min(r + row_step, rows))
 
 
 class FullCollector:
@@ -65,6 +74,7 @@ class FullCollector:
         }
         self._handles: list[Any] = []
         self._stash: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self._in_fallback = False
         self._plan()
 
@@ -177,21 +187,48 @@ class FullCollector:
         dy = dy.reshape(b, -1, dy.shape[-1])
         x = x.reshape(b, -1, x.shape[-1]).to(dy.dtype)
         wname = self.names[id(module.weight)]
-        acc = self.accumulators[wname]
         left, right = (x, dy) if transposed else (dy, x)
-        for s in _chunks(b, acc.numel() * dy.element_size(), self.chunk_bytes):
-            g = torch.bmm(left[s].transpose(1, 2), right[s])
-            # Square into the accumulator per example: no squared temporary, and a bf16 g
-            # squares exactly in float32 (8-bit mantissas).
-            for i in range(g.shape[0]):
-                acc.addcmul_(g[i], g[i])
-            del g
+        self._square_into(self.accumulators[wname], left, right)
         if module.bias is not None:
             bacc = self.accumulators[self.names[id(module.bias)]]
             gb = dy.sum(1, dtype=bacc.dtype)
             bacc.add_(gb.square_().sum(0))
         if wname in self._tied:
             self._stash[wname] = (dy, x)
+
+    def _square_into(self, acc: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+        """acc += sum_b (left_b^T right_b)^2, one block of rows and examples at a time.
+
+        Each block's per-example products go into one reused scratch buffer (no allocation),
+        and all examples of a block of rows are squared into those accumulator rows before the
+        next: on CPU a block is cache-sized (``CPU_BLOCK_BYTES``), so the products and the
+        accumulator rows stay in cache instead of streaming the weight's size through memory
+        once per example.
+        """
+        b, rows, cols = left.shape[0], left.shape[2], right.shape[2]
+        budget = self.chunk_bytes
+        if acc.device.type == "cpu":
+            budget = min(budget, CPU_BLOCK_BYTES)
+        scratch = self._scratch_for(right, min(budget, b * rows * cols * right.element_size()))
+        for ex, rs in _blocks(b, rows, cols * right.element_size(), budget):
+            a = acc[rs]
+            n = ex.stop - ex.start
+            g = scratch[: n * a.numel()].view(n, *a.shape)
+            torch.bmm(left[ex, :, rs].transpose(1, 2), right[ex], out=g)
+            # Square into the accumulator per example: no squared temporary, and a bf16 g
+            # squares exactly in float32 (8-bit mantissas).
+            for i in range(n):
+                a.addcmul_(g[i], g[i])
+
+    def _scratch_for(self, like: torch.Tensor, nbytes: int) -> torch.Tensor:
+        """A flat buffer of at least ``nbytes`` in ``like``'s dtype and device, kept between
+        calls (grown when a larger one is asked for)."""
+        key = (like.device, like.dtype)
+        numel = -(-nbytes // like.element_size())
+        buf = self._scratch.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = self._scratch[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buf
 
     def _embedding_backward(
         self, module: nn.Embedding, dy: torch.Tensor, ids: torch.Tensor

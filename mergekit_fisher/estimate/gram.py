@@ -3,11 +3,13 @@
 G = (1/N) sum over non-padding tokens of x x^T, where x is a linear layer's input and N the
 number of such tokens. Layers that read the same tensor (q/k/v projections, gate/up) share one
 Gram: forward hooks key each input by the identity of the tensor object within one forward
-pass, so the grouping needs no architecture knowledge. Only forward passes run.
+pass, so the grouping needs no architecture knowledge. Only forward passes run, and each stops
+at the output layer's input when nothing after it feeds a Gram (the logits are never formed).
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -19,14 +21,22 @@ from mergekit_fisher.estimate.full import accumulator_dtype, is_conv1d
 from mergekit_fisher.estimate.taps import BatchState
 
 ACCUMULATED_TOKENS = "__tokens__"
+SYMMETRIC_BLOCK = 384
+"""Rows per block of a Gram update: X^T X is symmetric, so only the blocks on and above the
+diagonal are multiplied ((k + 1) / 2k of the products for k blocks) and ``fisher`` mirrors."""
+
+
+class _OutputReached(Exception):
+    """Raised by the output layer's pre-hook once its input is recorded: the rest of the
+    forward pass (the logits) feeds no Gram."""
 
 
 class GramCollector:
-    """Forward hooks on every ``nn.Linear``; owns the Gram sums per distinct input.
+    """Forward pre-hooks on every ``nn.Linear``; owns the Gram sums per distinct input.
 
     The sums are float32 (float64 when the model computes in float64), like the Fisher's
     accumulators: float64 sums of every [in, in] input would need 65 GB for an 8B Llama, more
-    than an 80 GB GPU has beside the model. Each batch adds with one ``addmm_``; over B batches
+    than an 80 GB GPU has beside the model. Each batch adds with ``addmm_`` (:func:`add_upper`); over B batches
     the relative rounding is about sqrt(B) * 6e-8 (B * 6e-8 at worst: 6e-5 after 1000
     batches), far below the sampling noise of the calibration data.
 
@@ -46,6 +56,8 @@ class GramCollector:
         self.accumulators: dict[str, torch.Tensor] = {}
         self._mask: torch.Tensor | None = None
         self._seen: dict[int, tuple[torch.Tensor, str]] = {}
+        self._calls: list[nn.Module] = []
+        self._stop_at: nn.Module | None = None
         self._handles: list[Any] = []
         self._params = dict(model.named_parameters())
         device = input_device(model)
@@ -58,13 +70,26 @@ class GramCollector:
             self.remove()
         for acc in self.accumulators.values():
             acc.zero_()
+        self._stop_at = self._last_layer()
+
+    def _last_layer(self) -> nn.Module | None:
+        """The output embedding, when the discovery forward ran it once and as the last linear
+        layer: forward passes may stop at its input."""
+        try:
+            output = self.model.get_output_embeddings()  # type: ignore[operator]
+        except (AttributeError, NotImplementedError):
+            return None
+        calls = self._calls
+        if calls and calls[-1] is output and calls.count(output) == 1:
+            return output
+        return None
 
     def install(self) -> None:
         tied = {id(m.weight) for m in self.model.modules() if isinstance(m, nn.Embedding)}
         self._handles = [
-            module.register_forward_hook(self._hook(name))
+            module.register_forward_pre_hook(self._hook(name, id(module.weight) not in tied))
             for name, module in self.model.named_modules()
-            if isinstance(module, nn.Linear) and id(module.weight) not in tied
+            if isinstance(module, nn.Linear)
         ]
 
     def remove(self) -> None:
@@ -72,31 +97,41 @@ class GramCollector:
             handle.remove()
         self._handles = []
 
-    def _hook(self, name: str):  # type: ignore[no-untyped-def]
-        def record(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: object) -> None:
-            x = inputs[0]
-            seen = self._seen.get(id(x))
-            if seen is None or seen[0] is not x:
-                seen = self._seen[id(x)] = (x, f"{name}.input")
-                rows = x.detach().reshape(-1, x.shape[-1])
-                if self._mask is not None:
-                    rows = rows[self._mask.reshape(-1).to(rows.device)]
-                acc = self.accumulators.get(seen[1])
-                if acc is None:  # the discovery forward: the accumulator's dtype and device
-                    rows = rows.to(accumulator_dtype(rows.dtype))
-                    self.accumulators[seen[1]] = rows.T @ rows
-                else:
-                    rows = rows.to(device=acc.device, dtype=acc.dtype)
-                    acc.addmm_(rows.T, rows)  # no [in, in] temporary
-            self.consumers[f"{name}.weight"] = seen[1]
+    def _hook(self, name: str, record: bool):  # type: ignore[no-untyped-def]
+        """A pre-hook adding the Gram of the module's input (once per distinct input tensor);
+        a linear layer tied to an embedding only counts as called."""
 
-        return record
+        def pre(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            self._calls.append(module)
+            if record:
+                self._record(name, inputs[0])
+            if module is self._stop_at:
+                raise _OutputReached
+
+        return pre
+
+    def _record(self, name: str, x: torch.Tensor) -> None:
+        seen = self._seen.get(id(x))
+        if seen is None or seen[0] is not x:
+            seen = self._seen[id(x)] = (x, f"{name}.input")
+            rows = x.detach().reshape(-1, x.shape[-1])
+            if self._mask is not None:
+                rows = rows[self._mask.reshape(-1).to(rows.device)]
+            acc = self.accumulators.get(seen[1])
+            if acc is None:  # the discovery forward: the accumulator's dtype and device
+                n = rows.shape[1]
+                dtype = accumulator_dtype(rows.dtype)
+                self.accumulators[seen[1]] = torch.zeros(n, n, dtype=dtype, device=rows.device)
+            else:
+                add_upper(acc, rows.to(device=acc.device, dtype=acc.dtype))
+        self.consumers[f"{name}.weight"] = seen[1]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
         """One forward pass: adds the Grams of the batch's non-padding tokens; returns their count."""
         self._mask = attention_mask.bool()
+        self._calls = []
         try:
-            with torch.no_grad():
+            with torch.no_grad(), contextlib.suppress(_OutputReached):
                 self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
             tokens = int(self._mask.sum())
         finally:
@@ -112,7 +147,7 @@ class GramCollector:
         """The Gram means (float32), by input key; ``count`` is unused (tokens are counted)."""
         tokens = float(self.accumulators[ACCUMULATED_TOKENS])
         return {
-            key: (acc / max(tokens, 1.0)).float()
+            key: (mirror_upper(acc) / max(tokens, 1.0)).float()
             for key, acc in self.accumulators.items()
             if key != ACCUMULATED_TOKENS
         }
@@ -120,6 +155,21 @@ class GramCollector:
     def weights(self) -> dict[str, torch.Tensor]:
         """The weights each Gram describes (the store binds to them)."""
         return {name: self._params[name] for name in self.consumers}
+
+
+def add_upper(acc: torch.Tensor, rows: torch.Tensor) -> None:
+    """acc += rows^T rows on and above the diagonal, a block of ``SYMMETRIC_BLOCK`` rows at a
+    time (each with ``addmm_`` in place: no [in, in] temporary); below is left as it was."""
+    n = rows.shape[1]
+    for i in range(0, n, SYMMETRIC_BLOCK):
+        j = min(i + SYMMETRIC_BLOCK, n)
+        acc[i:j, i:].addmm_(rows[:, i:j].T, rows[:, i:])
+
+
+def mirror_upper(acc: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle is ``acc``'s."""
+    upper = acc.triu()
+    return upper + upper.triu(1).T
 
 
 def refuse_conv1d(model: nn.Module) -> None:
