@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mergekit_fisher.estimate.config import EstimateError
-from mergekit_fisher.estimate.full import FullCollector, _bind, _chunks
+from mergekit_fisher.estimate.full import FullCollector, _bind
 from mergekit_fisher.estimate.taps import BatchState, tap
 
 SUPPORTED = "Mixtral, Qwen3-MoE (experts gate_up_proj [E, 2I, H], down_proj [E, H, I])"
@@ -199,12 +199,8 @@ class MoeFullCollector(FullCollector):
     def _add_squares(
         self, param: torch.Tensor, e: int, left: torch.Tensor, right: torch.Tensor
     ) -> None:
-        """acc[e] += sum_b (left_b^T right_b)^2, ``chunk_bytes`` of per-example gradients at a time."""
-        acc = self.accumulators[self.names[id(param)]][e]
-        right = right.to(left.dtype)
-        for s in _chunks(left.shape[0], acc.numel() * left.element_size(), self.chunk_bytes):
-            g = torch.bmm(left[s].transpose(1, 2), right[s]).to(acc.dtype)
-            acc.add_(g.square_().sum(0).to(acc.device))
+        """acc[e] += sum_b (left_b^T right_b)^2, through the dense layers' blocked squaring."""
+        self._square_into(self.accumulators[self.names[id(param)]][e], left, right.to(left.dtype))
 
 
 def _expert_local(
