@@ -150,6 +150,23 @@ def test_recipes_are_valid_mergekit_configs(tmp_path: Path) -> None:
     assert "base_model" not in plain and len(plain["models"]) == 2
     regmean = recipe("regmean", base, [a, b], stores)["models"]
     assert [m["parameters"]["gram"] for m in regmean] == [str(p) for p in stores["gram"]]
+    # mergekit's dare_ties trims nothing at its default density 1.0; karcher takes no weight.
+    dare = recipe("dare_ties", base, [a, b], stores)
+    assert dare["base_model"] == str(base)
+    assert [m["parameters"] for m in dare["models"]] == [{"weight": 1.0, "density": 0.5}] * 2
+    assert recipe("karcher", base, [a, b]) == {
+        "merge_method": "karcher",
+        "models": [{"model": str(a)}, {"model": str(b)}],
+        "dtype": "float32",
+    }
+    # The task-vector Fisher methods: a store-less base_model, each expert's full store, and
+    # the methods' own defaults (gamma 0.1, density 1.0, normalize).
+    for row in ("fisher_arithmetic", "fisher_ties"):
+        config = recipe(row, base, [a, b], stores)
+        assert config["base_model"] == str(base) and "parameters" not in config
+        assert [m["parameters"] for m in config["models"]] == [
+            {"weight": 1.0, "fisher": str(p)} for p in stores["full"]
+        ]
 
 
 def test_mixture_alternates_and_truncates() -> None:
@@ -333,6 +350,10 @@ def test_reduced_demo_end_to_end(tmp_path: Path) -> None:
         assert "merge_method: fisher" in recipes["fisher (full)"]
         assert "merge_method: regmean" in recipes["regmean"] and "gram: " in recipes["regmean"]
         assert "base_model: " in recipes["fisher+base"]
+        assert "merge_method: karcher" in recipes["karcher"]
+        assert "density: 0.5" in recipes["dare_ties"] and "base_model: " in recipes["dare_ties"]
+        for row in ("fisher_arithmetic", "fisher_ties"):
+            assert f"merge_method: {row}" in recipes[row] and "fisher: " in recipes[row]
         # A searched row merges the best candidate of its grid scored on `valid`: the rev
         # expert's weight (3), times the base's strength when anchored (3 x 3).
         searched = {"fisher (searched)": 3, "fisher+base (searched)": 9}
