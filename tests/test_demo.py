@@ -224,6 +224,30 @@ def test_verdict_is_honest_whoever_wins() -> None:
     assert v["seeds_ahead_of_linear"] == {"fisher+base": 0, "regmean": 0}
 
 
+def test_overall_line_says_when_no_merge_wins_everywhere() -> None:
+    from mergekit_fisher.demo.report import overall, regime_part
+
+    norm = {
+        "base": [0.4, 0.4],
+        "expert add": [0.5] * 2,
+        "expert rev": [0.5] * 2,
+        "linear": [0.3, 0.3],
+        "fisher+base": [0.6, 0.5],
+        "regmean": [0.2, 0.1],
+    }
+    forget = regime_part(_summary(norm)[1], list(norm), {}, "forget")
+    assert overall({"forget": forget}) == ""
+    norm["regmean"] = [0.9, 0.9]
+    close = regime_part(_summary(norm)[1], list(norm), {}, "close")
+    line = overall({"close": close, "forget": forget})
+    assert line.startswith("overall: no merge is best in every regime (close: regmean 0.900")
+    assert "(ranks 3/3 in forget)" in line and "fisher+base 0.550 (ranks 2/3 in close)" in line
+    assert "mergekit-fisher search" in line
+    assert overall({"a": forget, "b": forget}).startswith(
+        "overall: fisher+base is the best merge in every regime"
+    )
+
+
 @pytest.mark.parametrize("matplotlib", [True, False], ids=["with", "without"])
 def test_report_is_saved_before_the_chart_and_survives_no_matplotlib(
     matplotlib: bool,
