@@ -76,7 +76,7 @@ class DemoSettings:
     seeds: int = 3
     first_seed: int = 0
     size: ModelSize = field(default_factory=ModelSize)
-    base: TrainSettings = field(default_factory=lambda: TrainSettings(steps=300, lr=3e-3))
+    base: TrainSettings = field(default_factory=lambda: TrainSettings(steps=600, lr=3e-3))
     close: TrainSettings = field(default_factory=lambda: TrainSettings(steps=100, lr=3e-4))
     forget: TrainSettings = field(default_factory=lambda: TrainSettings(steps=500, lr=1e-3))
     regimes: tuple[str, ...] = REGIMES
