@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from mergekit_fisher.demo.tasks import TASKS
 
@@ -21,7 +22,8 @@ class MergeSpec:
     needs no store). ``anchored``: the base takes part as one more Fisher-weighted input (its
     own store). ``trimmed``: each expert gets ``DemoSettings.ties_density`` (mergekit's default
     1.0 trims nothing). ``weighted``: the method takes a per-model ``weight`` (karcher does
-    not). ``searched``: coefficients chosen by ``mergekit_fisher.search`` on the ``valid`` split.
+    not). ``search``: what ``mergekit_fisher.search`` chooses on the ``valid`` split before the
+    merge (``"weights"``: the recipe weights, over ``DemoSettings.search_weights``), or nothing.
     """
 
     method: str
@@ -30,7 +32,7 @@ class MergeSpec:
     anchored: bool = False
     trimmed: bool = False
     weighted: bool = True
-    searched: bool = False
+    search: Literal["", "weights"] = ""
 
 
 SPECS: dict[str, MergeSpec] = {
@@ -40,10 +42,10 @@ SPECS: dict[str, MergeSpec] = {
     "ties": MergeSpec("ties", task_vectors=True, trimmed=True),
     "dare_ties": MergeSpec("dare_ties", task_vectors=True, trimmed=True),
     "fisher (full)": MergeSpec("fisher", "full"),
-    "fisher (searched)": MergeSpec("fisher", "full", searched=True),
+    "fisher (searched)": MergeSpec("fisher", "full", search="weights"),
     "fisher (nodes)": MergeSpec("fisher", "nodes"),
     "fisher+base": MergeSpec("fisher", "full", anchored=True),
-    "fisher+base (searched)": MergeSpec("fisher", "full", anchored=True, searched=True),
+    "fisher+base (searched)": MergeSpec("fisher", "full", anchored=True, search="weights"),
     "regmean": MergeSpec("regmean", "gram"),
     "fisher_arithmetic": MergeSpec("fisher_arithmetic", "full", task_vectors=True),
     "fisher_ties": MergeSpec("fisher_ties", "full", task_vectors=True),

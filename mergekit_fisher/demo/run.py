@@ -496,7 +496,7 @@ class _RegimeRun:
         for row in model_rows(granularities)[1 + len(TASKS) :]:
             config = recipe(row, self.shared.base_dir, experts, stores, self.settings.ties_density)
             slug = _slug(row)
-            if SPECS[row].searched:
+            if SPECS[row].search:
                 self._log("searching %s on the valid split", row)
                 config, searches[row] = _search(
                     config, self.shared.held_out, self.root / "search" / slug, self.settings
