@@ -339,9 +339,10 @@ def demo_command(out: str, seeds: int, regime: str, keep_models: bool, verbose: 
 
     Trains a tiny Llama base and, per regime, two experts on two synthetic tasks (2-digit
     addition, reversing letters); estimates Fisher, base-Fisher and Gram stores; merges through
-    mergekit with linear, task_arithmetic, ties, fisher (full, nodes, searched coefficients),
-    fisher anchored on the base (fixed and searched) and regmean; and evaluates every model on
-    held-out problems (mean ± std over seeds). Details: docs/demo.md.
+    mergekit with linear, karcher, task_arithmetic, ties, dare_ties, fisher (full, nodes,
+    searched coefficients), fisher anchored on the base (fixed and searched), regmean,
+    fisher_arithmetic and fisher_ties; and evaluates every model on held-out problems (mean ±
+    std over seeds). Details: docs/demo.md.
     """
     _setup_logging(verbose)
     from mergekit_fisher.demo.run import run_from_cli

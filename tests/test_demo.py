@@ -150,6 +150,23 @@ def test_recipes_are_valid_mergekit_configs(tmp_path: Path) -> None:
     assert "base_model" not in plain and len(plain["models"]) == 2
     regmean = recipe("regmean", base, [a, b], stores)["models"]
     assert [m["parameters"]["gram"] for m in regmean] == [str(p) for p in stores["gram"]]
+    # mergekit's dare_ties trims nothing at its default density 1.0; karcher takes no weight.
+    dare = recipe("dare_ties", base, [a, b], stores)
+    assert dare["base_model"] == str(base)
+    assert [m["parameters"] for m in dare["models"]] == [{"weight": 1.0, "density": 0.5}] * 2
+    assert recipe("karcher", base, [a, b]) == {
+        "merge_method": "karcher",
+        "models": [{"model": str(a)}, {"model": str(b)}],
+        "dtype": "float32",
+    }
+    # The task-vector Fisher methods: a store-less base_model, each expert's full store, and
+    # the methods' own defaults (gamma 0.1, density 1.0, normalize).
+    for row in ("fisher_arithmetic", "fisher_ties"):
+        config = recipe(row, base, [a, b], stores)
+        assert config["base_model"] == str(base) and "parameters" not in config
+        assert [m["parameters"] for m in config["models"]] == [
+            {"weight": 1.0, "fisher": str(p)} for p in stores["full"]
+        ]
 
 
 def test_mixture_alternates_and_truncates() -> None:
@@ -205,6 +222,30 @@ def test_verdict_is_honest_whoever_wins() -> None:
     assert v["text"].startswith("close: linear won")
     assert "ahead of fisher+base (0.450; ahead of it in 3/3 seeds)" in v["text"]
     assert v["seeds_ahead_of_linear"] == {"fisher+base": 0, "regmean": 0}
+
+
+def test_overall_line_says_when_no_merge_wins_everywhere() -> None:
+    from mergekit_fisher.demo.report import overall, regime_part
+
+    norm = {
+        "base": [0.4, 0.4],
+        "expert add": [0.5] * 2,
+        "expert rev": [0.5] * 2,
+        "linear": [0.3, 0.3],
+        "fisher+base": [0.6, 0.5],
+        "regmean": [0.2, 0.1],
+    }
+    forget = regime_part(_summary(norm)[1], list(norm), {}, "forget")
+    assert overall({"forget": forget}) == ""
+    norm["regmean"] = [0.9, 0.9]
+    close = regime_part(_summary(norm)[1], list(norm), {}, "close")
+    line = overall({"close": close, "forget": forget})
+    assert line.startswith("overall: no merge is best in every regime (close: regmean 0.900")
+    assert "(ranks 3/3 in forget)" in line and "fisher+base 0.550 (ranks 2/3 in close)" in line
+    assert "mergekit-fisher search" in line
+    assert overall({"a": forget, "b": forget}).startswith(
+        "overall: fisher+base is the best merge in every regime"
+    )
 
 
 @pytest.mark.parametrize("matplotlib", [True, False], ids=["with", "without"])
@@ -333,6 +374,10 @@ def test_reduced_demo_end_to_end(tmp_path: Path) -> None:
         assert "merge_method: fisher" in recipes["fisher (full)"]
         assert "merge_method: regmean" in recipes["regmean"] and "gram: " in recipes["regmean"]
         assert "base_model: " in recipes["fisher+base"]
+        assert "merge_method: karcher" in recipes["karcher"]
+        assert "density: 0.5" in recipes["dare_ties"] and "base_model: " in recipes["dare_ties"]
+        for row in ("fisher_arithmetic", "fisher_ties"):
+            assert f"merge_method: {row}" in recipes[row] and "fisher: " in recipes[row]
         # A searched row merges the best candidate of its grid scored on `valid`: the rev
         # expert's weight (3), times the base's strength when anchored (3 x 3).
         searched = {"fisher (searched)": 3, "fisher+base (searched)": 9}

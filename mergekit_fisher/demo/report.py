@@ -122,6 +122,31 @@ def verdict(
     }
 
 
+def overall(parts: Mapping[str, Mapping[str, Any]]) -> str:
+    """One line across regimes: whether one merge is best in all of them, and if not, each
+    regime's best with its rank in the others, so no single-regime win reads as general."""
+    if len(parts) < 2:
+        return ""
+    verdicts = {regime: part["verdict"] for regime, part in parts.items()}
+    bests = {v["best"] for v in verdicts.values()}
+    hint = "compare candidates on your own held-out data with `mergekit-fisher search`"
+    if len(bests) == 1:
+        return f"overall: {bests.pop()} is the best merge in every regime; {hint}"
+
+    def rank(row: str, regime: str) -> str:
+        ranking = verdicts[regime]["ranking"]
+        return f"{ranking.index(row) + 1}/{len(ranking)} in {regime}" if row in ranking else ""
+
+    wins = []
+    for regime, v in verdicts.items():
+        elsewhere = ", ".join(rank(v["best"], other) for other in verdicts if other != regime)
+        wins.append(f"{regime}: {v['best']} {v['best_mean']:.3f} (ranks {elsewhere})")
+    return (
+        "overall: no merge is best in every regime (" + "; ".join(wins) + "): which one wins "
+        f"depends on how far the experts moved from their base; {hint}"
+    )
+
+
 def _table(summary: Mapping[str, Any], names: Sequence[str]) -> list[str]:
     headers = ["model", *(f"acc {n}" for n in names), *(f"loss {n}" for n in names), "norm acc"]
     keys = [
@@ -172,6 +197,8 @@ def format_table(report: dict[str, Any]) -> str:
         lines += _search_lines(part)
         lines.append(f"verdict: {part['verdict']['text']}")
         lines.append("")
+    if line := overall(report["regimes"]):
+        lines += [line, ""]
     seeds = len(report["seeds"])
     lines.append(
         f"mean ± std over {seeds} seed{'s' * (seeds != 1)}; norm acc = accuracy on each task / "

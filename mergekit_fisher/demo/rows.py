@@ -1,12 +1,14 @@
 """The demo's table rows: the base, one expert per task, and how each merge row is made.
 
-Shared by the run (which makes each row) and the report (which ranks the merge rows).
+Shared by the run (which makes each row) and the report (which ranks the merge rows). A new
+merge row is one ``SPECS`` line: the recipe is derived from its ``MergeSpec``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from mergekit_fisher.demo.tasks import TASKS
 
@@ -16,26 +18,37 @@ class MergeSpec:
     """How one merge row is made.
 
     ``store``: the per-expert store it reads (``full``/``nodes`` Fisher, ``gram``), or none.
-    ``anchored``: the base takes part as one more Fisher-weighted input (its own store).
-    ``searched``: coefficients chosen by ``mergekit_fisher.search`` on the ``valid`` split.
+    ``task_vectors``: the base is ``base_model``, the origin of the experts' task vectors (it
+    needs no store). ``anchored``: the base takes part as one more Fisher-weighted input (its
+    own store). ``trimmed``: each expert gets ``DemoSettings.ties_density`` (mergekit's default
+    1.0 trims nothing). ``weighted``: the method takes a per-model ``weight`` (karcher does
+    not). ``search``: what ``mergekit_fisher.search`` chooses on the ``valid`` split before the
+    merge (``"weights"``: the recipe weights, over ``DemoSettings.search_weights``), or nothing.
     """
 
     method: str
     store: str = ""
+    task_vectors: bool = False
     anchored: bool = False
-    searched: bool = False
+    trimmed: bool = False
+    weighted: bool = True
+    search: Literal["", "weights"] = ""
 
 
 SPECS: dict[str, MergeSpec] = {
     "linear": MergeSpec("linear"),
-    "task_arithmetic": MergeSpec("task_arithmetic"),
-    "ties": MergeSpec("ties"),
+    "karcher": MergeSpec("karcher", weighted=False),
+    "task_arithmetic": MergeSpec("task_arithmetic", task_vectors=True),
+    "ties": MergeSpec("ties", task_vectors=True, trimmed=True),
+    "dare_ties": MergeSpec("dare_ties", task_vectors=True, trimmed=True),
     "fisher (full)": MergeSpec("fisher", "full"),
-    "fisher (searched)": MergeSpec("fisher", "full", searched=True),
+    "fisher (searched)": MergeSpec("fisher", "full", search="weights"),
     "fisher (nodes)": MergeSpec("fisher", "nodes"),
     "fisher+base": MergeSpec("fisher", "full", anchored=True),
-    "fisher+base (searched)": MergeSpec("fisher", "full", anchored=True, searched=True),
+    "fisher+base (searched)": MergeSpec("fisher", "full", anchored=True, search="weights"),
     "regmean": MergeSpec("regmean", "gram"),
+    "fisher_arithmetic": MergeSpec("fisher_arithmetic", "full", task_vectors=True),
+    "fisher_ties": MergeSpec("fisher_ties", "full", task_vectors=True),
 }
 MERGES = tuple(SPECS)
 """Merge rows, in table order; ``fisher (nodes)`` is dropped when the estimator lacks nodes."""

@@ -11,10 +11,11 @@ Per seed, on CPU (docs/demo.md has the numbers and the reasons):
 3. estimate, with the public ``estimate_fisher`` API, each expert's Fisher (``full`` and
    ``nodes``) and RegMean Gram matrices on ``calib_size`` examples of its own task's train
    split, and the base's Fisher on an even mixture of the experts' calibration data;
-4. merge through mergekit's own ``run_merge`` (what ``mergekit-yaml`` runs): ``linear``,
-   ``task_arithmetic``, ``ties``, ``fisher`` (full, nodes), ``fisher`` anchored on the base,
-   the same with coefficients chosen by ``mergekit_fisher.search`` on the ``valid`` split, and
-   ``regmean``;
+4. merge through mergekit's own ``run_merge`` (what ``mergekit-yaml`` runs) with every row of
+   ``rows.SPECS``: mergekit's ``linear``, ``karcher``, ``task_arithmetic``, ``ties`` and
+   ``dare_ties``; ``fisher`` (full, nodes), ``fisher`` anchored on the base, both with
+   coefficients chosen by ``mergekit_fisher.search`` on the ``valid`` split, ``regmean``, and
+   the task-vector methods ``fisher_arithmetic`` and ``fisher_ties``;
 5. evaluate base, experts and merges on ``eval_size`` held-out problems per task (greedy
    exact match and completion loss).
 
@@ -61,7 +62,8 @@ class DemoSettings:
     """Everything that shapes a run. The defaults are the documented demo (docs/demo.md).
 
     ``close`` and ``forget`` are the expert fine-tuning of the two regimes; ``regimes`` says
-    which to run (the base is trained once per seed and shared). ``search_weights`` is the grid
+    which to run (the base is trained once per seed and shared). ``ties_density`` is every
+    expert's ``density`` in the ``ties`` and ``dare_ties`` rows. ``search_weights`` is the grid
     of the searched rows: the ``rev`` expert's weight (and, when anchored, the base's anchor
     strength), each over these values (the ``add`` expert's weight stays 1), scored by
     completion loss on ``search_samples`` ``valid`` problems (half per task).
@@ -74,7 +76,7 @@ class DemoSettings:
     seeds: int = 3
     first_seed: int = 0
     size: ModelSize = field(default_factory=ModelSize)
-    base: TrainSettings = field(default_factory=lambda: TrainSettings(steps=300, lr=3e-3))
+    base: TrainSettings = field(default_factory=lambda: TrainSettings(steps=600, lr=3e-3))
     close: TrainSettings = field(default_factory=lambda: TrainSettings(steps=100, lr=3e-4))
     forget: TrainSettings = field(default_factory=lambda: TrainSettings(steps=500, lr=1e-3))
     regimes: tuple[str, ...] = REGIMES
@@ -162,28 +164,23 @@ def recipe(
     """
     spec = SPECS[row]
     stores = stores or {}
-    key = {"fisher": "fisher", "regmean": "gram"}.get(spec.method, "")
+    key = "gram" if spec.store == "gram" else "fisher"
+    extra = {"density": ties_density} if spec.trimmed else {}
 
-    def entry(model: Path, store: Path | None = None, **extra: Any) -> dict[str, Any]:
-        params: dict[str, Any] = {"weight": 1.0, **extra}
+    def entry(model: Path, store: Path | None = None) -> dict[str, Any]:
+        params: dict[str, Any] = {"weight": 1.0, **extra} if spec.weighted else {}
         if store is not None:
             params[key] = str(store)
-        return {"model": str(model), "parameters": params}
+        return {"model": str(model), "parameters": params} if params else {"model": str(model)}
 
     out: dict[str, Any] = {"merge_method": spec.method}
-    if spec.method in ("task_arithmetic", "ties"):
-        extra = {"density": ties_density} if spec.method == "ties" else {}
+    if spec.task_vectors or spec.anchored:
         out["base_model"] = str(base)
-        out["models"] = [entry(e, **extra) for e in experts]
-    elif spec.store:
-        if spec.anchored:
-            out["base_model"] = str(base)
-        out["models"] = [entry(e, s) for e, s in zip(experts, stores[spec.store], strict=True)]
-        if spec.anchored:
-            # Listed last, so that `search` (which keeps the first weight) searches its beta.
-            out["models"].append(entry(base, stores["base"][0]))
-    else:
-        out["models"] = [entry(e) for e in experts]
+    own: Sequence[Path | None] = stores[spec.store] if spec.store else [None] * len(experts)
+    out["models"] = [entry(e, s) for e, s in zip(experts, own, strict=True)]
+    if spec.anchored:
+        # Listed last, so that `search` (which keeps the first weight) searches its beta.
+        out["models"].append(entry(base, stores["base"][0]))
     if spec.method == "fisher":
         out["parameters"] = {"normalize": True}
     out["dtype"] = "float32"
@@ -499,7 +496,7 @@ class _RegimeRun:
         for row in model_rows(granularities)[1 + len(TASKS) :]:
             config = recipe(row, self.shared.base_dir, experts, stores, self.settings.ties_density)
             slug = _slug(row)
-            if SPECS[row].searched:
+            if SPECS[row].search:
                 self._log("searching %s on the valid split", row)
                 config, searches[row] = _search(
                     config, self.shared.held_out, self.root / "search" / slug, self.settings
@@ -510,6 +507,7 @@ class _RegimeRun:
             recipe_path.write_text(recipe_text(config))
             self._log("merging with %s", row)
             out = self.root / "merges" / slug
+            torch.manual_seed(self.shared.seed)  # DARE drops at random: same draw in every run
             files = merge(config, out)
             self.clock.lap("merge")
             merged = _load(out, self.settings.device)
