@@ -37,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--first-seed", type=int, default=d.first_seed)
     p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1 ...")
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (0: default)")
+    p.add_argument("--workers", type=int, default=d.workers, help="seeds run side by side")
     p.add_argument("--hidden", type=int, default=d.size.hidden)
     p.add_argument("--layers", type=int, default=d.size.layers)
     p.add_argument("--heads", type=int, default=d.size.heads)
@@ -106,6 +107,7 @@ def settings_from(args: argparse.Namespace) -> DemoSettings:
         search_samples=args.search_samples,
         device=args.device,
         threads=args.threads,
+        workers=args.workers,
         keep_models=args.keep_models,
     )
 

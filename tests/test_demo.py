@@ -405,3 +405,29 @@ def test_demo_refuses_an_unknown_regime(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown regime 'far'"):
         run_demo(tmp_path / "out", DemoSettings(regimes=("far",)))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not _estimator_available(), reason="mergekit_fisher.estimate_fisher missing")
+def test_seeds_side_by_side_give_the_same_numbers(tmp_path: Path) -> None:
+    """``workers`` runs seeds in spawned processes: every score is the one a single process
+    computes, and seeds come back in order."""
+    from mergekit_fisher.demo.run import DemoSettings, run_demo
+    from mergekit_fisher.demo.train import TrainSettings
+
+    def settings(workers: int) -> DemoSettings:
+        return DemoSettings(
+            seeds=2,
+            regimes=("close",),
+            base=TrainSettings(steps=20, lr=3e-3),
+            close=TrainSettings(steps=5, lr=3e-4),
+            eval_size=16,
+            calib_size=16,
+            search_samples=8,
+            granularities=("full",),
+            workers=workers,
+        )
+
+    alone = run_demo(tmp_path / "one", settings(1))["regimes"]["close"]
+    side_by_side = run_demo(tmp_path / "two", settings(2))["regimes"]["close"]
+    assert [s["seed"] for s in side_by_side["seeds"]] == [0, 1]
+    assert [s["scores"] for s in side_by_side["seeds"]] == [s["scores"] for s in alone["seeds"]]

@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import copy
 import logging
+import multiprocessing
 import os
 import platform
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +73,8 @@ class DemoSettings:
     ``threads`` is torch's intra-op thread count for the run (0: leave torch's default). One
     thread is the default because a 64-wide model gains little from a second one, and on a
     busy 2-core machine two spinning OpenMP threads made training ten times slower (measured).
+    ``workers`` runs that many seeds side by side, each in its own process (one core each; a
+    seed's numbers do not depend on it).
     """
 
     seeds: int = 3
@@ -91,6 +95,7 @@ class DemoSettings:
     search_samples: int = 128
     device: str = "cpu"
     threads: int = 1
+    workers: int = 1
     keep_models: bool = False
 
     def expert_training(self, regime: str) -> TrainSettings:
@@ -530,6 +535,37 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _seed_job(
+    seed: int, root: Path, settings: DemoSettings, granularities: list[str]
+) -> tuple[dict[str, Any], list[str]]:
+    """One seed, timed, with torch's threads as ``settings`` says; also the granularities the
+    estimator kept (``run_seed`` drops one it does not implement)."""
+    threads = torch.get_num_threads()
+    if settings.threads > 0:
+        torch.set_num_threads(settings.threads)
+    try:
+        t0 = time.perf_counter()
+        result = run_seed(seed, root, settings, granularities)
+        result["wall_time_s"] = round(time.perf_counter() - t0, 2)
+        return result, granularities
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_seeds(
+    jobs: list[tuple[int, Path, DemoSettings, list[str]]], workers: int
+) -> Iterator[tuple[dict[str, Any], list[str]]]:
+    """Each seed's result as it finishes: in this process, or ``workers`` seeds side by side in
+    spawned processes (fork is unsafe once torch has started its thread pools)."""
+    if workers <= 1 or len(jobs) <= 1:
+        yield from (_seed_job(*job) for job in jobs)
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
+        futures = [pool.submit(_seed_job, *job) for job in jobs]
+        yield from (future.result() for future in as_completed(futures))
+
+
 def run_demo(
     out: Path | str = "demo-out",
     settings: DemoSettings | None = None,
@@ -552,21 +588,16 @@ def run_demo(
     start = time.perf_counter()
     granularities = list(settings.granularities)
     per_seed: list[dict[str, Any]] = []
-    threads = torch.get_num_threads()
-    if settings.threads > 0:
-        torch.set_num_threads(settings.threads)
-    try:
-        for seed in range(settings.first_seed, settings.first_seed + settings.seeds):
-            t0 = time.perf_counter()
-            result = run_seed(seed, out / f"seed-{seed}", settings, granularities)
-            result["wall_time_s"] = round(time.perf_counter() - t0, 2)
-            logger.info("seed %d done in %.0f s", seed, result["wall_time_s"])
-            per_seed.append(result)
-            if on_seed is not None:
-                on_seed(result)
-        versions = _versions()
-    finally:
-        torch.set_num_threads(threads)
+    seeds = range(settings.first_seed, settings.first_seed + settings.seeds)
+    jobs = [(seed, out / f"seed-{seed}", settings, list(granularities)) for seed in seeds]
+    for result, kept in _run_seeds(jobs, settings.workers):
+        granularities = [g for g in granularities if g in kept]
+        logger.info("seed %d done in %.0f s", result["seed"], result["wall_time_s"])
+        per_seed.append(result)
+        if on_seed is not None:
+            on_seed(result)
+    per_seed.sort(key=lambda r: r["seed"])
+    versions = _versions()
     regimes: dict[str, Any] = {}
     for regime in settings.regimes:
         seeds = [s["regimes"][regime] for s in per_seed]
@@ -598,7 +629,9 @@ def run_from_cli(out: str, seeds: int, regime: str, keep_models: bool) -> str:
     (tables, verdicts, skipped rows, where the report went)."""
     start = time.perf_counter()
     regimes = REGIMES if regime == "both" else (regime,)
-    report = run_demo(out, DemoSettings(seeds=seeds, regimes=regimes, keep_models=keep_models))
+    workers = min(2, os.cpu_count() or 1)  # the README's 2-core machine: two seeds at a time
+    settings = DemoSettings(seeds=seeds, regimes=regimes, keep_models=keep_models, workers=workers)
+    report = run_demo(out, settings)
     chart = f"  chart: {report['chart']}" if report["chart"] else ""
     return (
         f"{format_report(report)}\nreport: {out}/report.json{chart}  "
