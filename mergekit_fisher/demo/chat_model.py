@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from mergekit_fisher.data import Batch, Example, load_calibration_data, pad_batch
 from mergekit_fisher.demo.chat_tasks import Problem, write_jsonl
 from mergekit_fisher.demo.evaluate import TaskScore
-from mergekit_fisher.demo.train import TrainSettings
+from mergekit_fisher.demo.train import TrainSettings, optimizer_step
 
 LOG = logging.getLogger(__name__)
 
@@ -86,13 +86,7 @@ def finetune(
     for step in tqdm(range(settings.steps), desc=f"finetune {label}", leave=False):
         chunk = order[step * settings.batch_size : (step + 1) * settings.batch_size]
         nll, count = answer_loss(model, [examples[i] for i in chunk], pad_id)
-        loss = nll / max(count, 1)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        losses.append(float(loss.detach()))
+        losses.append(optimizer_step(model, nll / max(count, 1), optimizer, scheduler))
     model.eval()
     LOG.info(
         "fine-tuned %s: %d steps, loss %.3f -> %.3f", label, settings.steps, losses[0], losses[-1]

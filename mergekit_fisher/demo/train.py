@@ -18,7 +18,14 @@ from tqdm.auto import tqdm
 
 from mergekit_fisher.demo.tasks import PAD_ID, VOCAB, Problem, Task, encode, sample_problems
 
-__all__ = ["ModelSize", "TrainSettings", "batch_tensors", "build_model", "train"]
+__all__ = [
+    "ModelSize",
+    "TrainSettings",
+    "batch_tensors",
+    "build_model",
+    "optimizer_step",
+    "train",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +100,21 @@ def completion_loss(
     )
 
 
+def optimizer_step(
+    model: torch.nn.Module,
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> float:
+    """One clipped (norm 1) optimizer and schedule step on ``loss``; its value."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    scheduler.step()
+    return float(loss.detach())
+
+
 def train(
     model: torch.nn.Module,
     tasks: Sequence[Task],
@@ -128,13 +150,9 @@ def train(
     for step in bar:
         chunk = mixed[step * settings.batch_size : (step + 1) * settings.batch_size]
         ids, labels = batch_tensors(chunk, device)
-        loss = completion_loss(model, ids, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        losses.append(float(loss.detach()))
+        losses.append(
+            optimizer_step(model, completion_loss(model, ids, labels), optimizer, scheduler)
+        )
         if step % 50 == 0:
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
