@@ -21,7 +21,7 @@ one ``bmm`` gives every example's gradient.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,14 +47,18 @@ class MoeBlock:
 
 def find_moe_blocks(model: nn.Module) -> list[MoeBlock]:
     """Every module with ``experts`` holding a fused 3D ``gate_up_proj`` and a ``gate`` router."""
-    blocks = []
-    for name, module in model.named_modules():
-        experts, router = getattr(module, "experts", None), getattr(module, "gate", None)
-        fused = getattr(experts, "gate_up_proj", None)
-        if isinstance(fused, torch.Tensor) and fused.ndim == 3 and isinstance(router, nn.Module):
-            _check_layout(name, router, experts)  # type: ignore[arg-type]
-            blocks.append(MoeBlock(name, router, experts))  # type: ignore[arg-type]
-    return blocks
+    found = (moe_block(name, module) for name, module in model.named_modules())
+    return [block for block in found if block is not None]
+
+
+def moe_block(prefix: str, module: object) -> MoeBlock | None:
+    """``module`` as a sparse MoE layer (layout checked), or None when it is not one."""
+    experts, router = getattr(module, "experts", None), getattr(module, "gate", None)
+    fused = getattr(experts, "gate_up_proj", None)
+    if not (isinstance(fused, torch.Tensor) and fused.ndim == 3 and isinstance(router, nn.Module)):
+        return None
+    _check_layout(prefix, router, experts)  # type: ignore[arg-type]
+    return MoeBlock(prefix, router, experts)  # type: ignore[arg-type]
 
 
 def _check_layout(prefix: str, router: nn.Module, experts: nn.Module) -> None:
@@ -158,22 +162,12 @@ class MoeFullCollector(FullCollector):
         return logits, tap(scores, self.state, callback, args[0]), indices
 
     def _on_experts(self, block: MoeBlock, module: nn.Module, args: tuple, output: Any) -> Any:
-        if len(args) != 3 or not isinstance(output, torch.Tensor):
-            raise EstimateError(
-                f"{block.prefix}.experts: not called as experts(hidden, top_k_index, "
-                f"top_k_weights); --granularity full supports {SUPPORTED}"
-            )
-        return tap(output, self.state, _bind(self._experts_backward, block), *args)
+        return tap_experts(block, self.state, _bind(self._experts_backward, block), args, output)
 
     # ----------------------------------------------------------------- backward callbacks
-    def _batched(self, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """[B*T, .] token rows (how MoE layers see the batch) as [B, T, .]."""
-        b = self.state.batch_size
-        return tuple(t.reshape(b, -1, t.shape[-1]) for t in flat)
-
     def _router_backward(self, block: MoeBlock, dscores: torch.Tensor, x: torch.Tensor) -> None:
         """Per example: grad of <dscores_b, scores(x_b)>, FullCollector's vmap(grad) recompute."""
-        self._generic_backward(self._scores[id(block.router)], *self._batched(dscores, x))
+        self._generic_backward(self._scores[id(block.router)], *_batched(self.state, dscores, x))
 
     def _experts_backward(
         self,
@@ -184,16 +178,12 @@ class MoeFullCollector(FullCollector):
         weights: torch.Tensor,
     ) -> None:
         """Each expert's routed rows, packed per example, into its slice of the accumulators."""
-        dy, x = self.state.screen(*self._batched(dy, x))
-        b, t = dy.shape[:2]
-        dy, x = dy.reshape(b * t, -1), x.reshape(b * t, -1)
+        b, t = self.state.batch_size, dy.shape[0] // self.state.batch_size
         experts = block.experts
-        for e in torch.unique(index).tolist():
-            tok, slot = torch.where(index == e)
-            dyw = (dy[tok] * weights[tok, slot, None]).to(dy.dtype)
-            a, dh = _expert_local(experts, e, x[tok], dyw)
+        for e, tok, x_e, dyw in routed_rows(self.state, dy, x, index, weights):
+            a, dh = _expert_local(experts, e, x_e, dyw)
             pack = _packer(tok // t, b)
-            self._add_squares(experts.gate_up_proj, e, pack(dh), pack(x[tok]))
+            self._add_squares(experts.gate_up_proj, e, pack(dh), pack(x_e))
             self._add_squares(experts.down_proj, e, pack(dyw), pack(a))
 
     def _add_squares(
@@ -203,15 +193,59 @@ class MoeFullCollector(FullCollector):
         self._square_into(self.accumulators[self.names[id(param)]][e], left, right.to(left.dtype))
 
 
+def tap_experts(
+    block: MoeBlock, state: BatchState, callback: Callable[..., None], args: tuple, output: Any
+) -> torch.Tensor:
+    """The experts' output, tapped: ``callback(dy, hidden, top_k_index, top_k_weights)``."""
+    if len(args) != 3 or not isinstance(output, torch.Tensor):
+        raise EstimateError(
+            f"{block.prefix}.experts: not called as experts(hidden, top_k_index, "
+            f"top_k_weights); MoE support covers {SUPPORTED}"
+        )
+    return tap(output, state, callback, *args)
+
+
+def _batched(state: BatchState, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """[B*T, .] token rows (how MoE layers see the batch) as [B, T, .]."""
+    return tuple(t.reshape(state.batch_size, -1, t.shape[-1]) for t in flat)
+
+
+def routed_rows(
+    state: BatchState,
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    index: torch.Tensor,
+    weights: torch.Tensor,
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per hit expert e: its token rows (flat, [B*T]), their inputs, and the output gradient
+    times the routing weight, ``w dy`` (screened like every other tap)."""
+    dy, x = state.screen(*_batched(state, dy, x))
+    dy, x = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+    for e in torch.unique(index).tolist():
+        tok, slot = torch.where(index == e)
+        yield e, tok, x[tok], (dy[tok] * weights[tok, slot, None]).to(dy.dtype)
+
+
+def expert_activation(experts: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
+    """Expert ``e``'s gate/up outputs on its rows (what its ``_apply_gate`` gates)."""
+    return F.linear(x, experts.gate_up_proj[e].detach())
+
+
+def expert_input_grad(
+    experts: nn.Module, e: int, dyw: torch.Tensor, like: torch.Tensor
+) -> torch.Tensor:
+    """The gradient at expert ``e``'s down_proj input (its gated activation)."""
+    return dyw.to(like.dtype) @ experts.down_proj[e].detach().to(like.dtype)
+
+
 def _expert_local(
     experts: nn.Module, e: int, x: torch.Tensor, dyw: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Expert ``e`` on its rows: activation a, and the gradient dh at its gate/up outputs."""
     with torch.enable_grad():
-        h = F.linear(x, experts.gate_up_proj[e].detach()).requires_grad_()
+        h = expert_activation(experts, e, x).requires_grad_()
         a = experts._apply_gate(h)
-        da = dyw.to(a.dtype) @ experts.down_proj[e].detach().to(a.dtype)
-        (dh,) = torch.autograd.grad(a, h, da)
+        (dh,) = torch.autograd.grad(a, h, expert_input_grad(experts, e, dyw, a))
     return a.detach(), dh
 
 
