@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import platform
 import statistics
 import time
@@ -190,7 +191,9 @@ def store_sizes(model: nn.Module) -> None:
 def store_elements(model: nn.Module) -> tuple[int, int]:
     full = sum(p.numel() for p in model.parameters())
     nodes = sum(
-        2 * layer.heads * layer.head_dim + 2 * layer.kv_heads * layer.head_dim + 3 * layer.neurons
+        2 * layer.heads * layer.head_dim
+        + 2 * layer.kv_heads * layer.head_dim
+        + 3 * math.prod(layer.neuron_shape)
         for layer in find_layers(model)
     )
     return full, nodes

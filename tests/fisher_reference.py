@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mergekit_fisher.data import Example
@@ -66,7 +67,8 @@ def naive_node_fisher(
     one per neuron at each down_proj input, and one per kv head on each v_proj output (the GQA
     check; on the v rows of a fused qkv projection). Returns ``<layer>.heads``,
     ``<layer>.neurons`` and ``<layer>.vmask`` Fisher values. Fused layouts: Phi-3
-    (qkv_proj, gate_up_proj), Starcoder2 (mlp.c_fc/c_proj), GPT-2 (Conv1D c_attn/c_proj)."""
+    (qkv_proj, gate_up_proj), Starcoder2 (mlp.c_fc/c_proj), GPT-2 (Conv1D c_attn/c_proj). Sparse
+    MoE layers: one mask per expert neuron [E, I] in a token-by-token experts forward."""
     model.eval()
     config = model.config
     heads = config.num_attention_heads
@@ -79,12 +81,16 @@ def naive_node_fisher(
         prefix = f"transformer.h.{i}" if gpt2 else f"model.layers.{i}"
         attn = layer.attn if gpt2 else layer.self_attn
         o = attn.c_proj if gpt2 else attn.o_proj
-        down = (
-            layer.mlp.c_proj if gpt2 or not hasattr(layer.mlp, "down_proj") else layer.mlp.down_proj
+        experts = getattr(layer.mlp, "experts", None)
+        down = getattr(layer.mlp, "c_proj" if gpt2 else "down_proj", None) or getattr(
+            layer.mlp, "c_proj", None
         )
         d = (attn.c_proj.weight.shape[0] if gpt2 else o.in_features) // heads
         kv = getattr(config, "num_key_value_heads", None) or heads
-        width = down.weight.shape[0] if gpt2 else down.in_features
+        if experts is not None:
+            width = experts.down_proj.shape[::2]  # [E, I]
+        else:
+            width = down.weight.shape[0] if gpt2 else down.in_features
         m_h = torch.ones(heads, dtype=dtype, requires_grad=True)
         m_n = torch.ones(width, dtype=dtype, requires_grad=True)
         m_v = torch.ones(kv, dtype=dtype, requires_grad=True)
@@ -108,11 +114,11 @@ def naive_node_fisher(
             return torch.cat([out[..., : out.shape[-1] - kv * d], v], -1)
 
         v_site = attn.c_attn if gpt2 else getattr(attn, "v_proj", None) or attn.qkv_proj
-        handles += [
-            o.register_forward_pre_hook(head_hook),
-            down.register_forward_pre_hook(neuron_hook),
-            v_site.register_forward_hook(v_hook),
-        ]
+        handles += [o.register_forward_pre_hook(head_hook), v_site.register_forward_hook(v_hook)]
+        if experts is not None:
+            handles.append(experts.register_forward_hook(_masked_experts(m_n)))
+        else:
+            handles.append(down.register_forward_pre_hook(neuron_hook))
     acc = {k: torch.zeros_like(m) for k, m in masks.items()}
     try:
         for n, ex in enumerate(examples):
@@ -126,6 +132,25 @@ def naive_node_fisher(
         for h in handles:
             h.remove()
     return {k: v / len(examples) for k, v in acc.items()}
+
+
+def _masked_experts(mask: torch.Tensor):  # type: ignore[no-untyped-def]
+    """A forward hook replacing a fused experts layer's output by a token-by-token loop whose
+    activation of expert e is multiplied by ``mask[e]``."""
+
+    def hook(experts, args, out):  # type: ignore[no-untyped-def]
+        x, index, weights = args
+        rows = []
+        for t in range(x.shape[0]):
+            y = torch.zeros_like(x[t])
+            for k, e in enumerate(index[t].tolist()):
+                gate, up = F.linear(x[t], experts.gate_up_proj[e]).chunk(2)
+                a = experts.act_fn(gate) * up * mask[e]
+                y = y + weights[t, k] * F.linear(a, experts.down_proj[e])
+            rows.append(y)
+        return torch.stack(rows)
+
+    return hook
 
 
 def random_examples(

@@ -12,6 +12,7 @@ from test_estimate import FP32_TOL, FP64_TOL, assert_close, tiny_model
 from transformers import AutoModelForCausalLM
 
 from mergekit_fisher.estimate import EstimateConfig, EstimateError, compute_fisher, estimate_fisher
+from mergekit_fisher.estimate.nodes import find_layers
 
 torch.set_num_threads(1)
 
@@ -57,13 +58,28 @@ def test_moe_float32_grouped_mm_matches_naive() -> None:
     assert_close(got, ref, FP32_TOL)
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
-def test_moe_nodes_is_refused_in_one_line(arch: str) -> None:
+@pytest.mark.parametrize(("arch", "mode"), [("mixtral", "empirical"), ("qwen3_moe", "sampled")])
+def test_moe_nodes_match_explicit_masks(arch: str, mode: str) -> None:
+    """One mask per expert neuron (only routed tokens reach it) and per head, against explicit
+    mask tensors in a token-by-token float64 loop; mapped onto the fused weights exactly."""
+    from test_nodes import assert_nodes_match_masks
+
     model = tiny_model(arch, **MOE)
-    examples = random_examples([5, 3], model.config.vocab_size)
-    with pytest.raises(EstimateError, match=r"mixture-of-experts.*--granularity full") as info:
-        compute_fisher(model, examples, EstimateConfig(granularity="nodes"))
-    assert "\n" not in str(info.value) and "experts.gate_up_proj" in str(info.value)
+    examples = random_examples(RAGGED, model.config.vocab_size, seed=5, prompt=2)
+    result, values = assert_nodes_match_masks(model, examples, mode, seed=6)
+    assert all(layer.moe is not None for layer in find_layers(model))
+    p = "model.layers.1.mlp"
+    neurons = values["model.layers.1.neurons"].float()
+    params = dict(model.named_parameters())
+    assert neurons.shape == params[f"{p}.experts.down_proj"].shape[::2]  # [E, I]
+    assert bool((neurons > 0).all())  # every expert was routed some tokens
+    for name, tensor in result.fisher.items():
+        assert torch.broadcast_shapes(tensor.shape, params[name].shape) == params[name].shape
+    gate_up, down = (result.fisher[f"{p}.experts.{w}"] for w in ("gate_up_proj", "down_proj"))
+    assert down.shape == (4, 1, neurons.shape[1]) and torch.equal(down[:, 0], neurons)
+    assert gate_up.shape == (4, 2 * neurons.shape[1], 1)
+    assert torch.equal(gate_up[:, neurons.shape[1] :, 0], neurons)
+    assert f"{p}.gate.weight" not in result.fisher  # routers: uncovered, averaged
 
 
 def test_mixtral_stores_merge_through_mergekit(tmp_path: Path) -> None:
@@ -101,3 +117,39 @@ def test_unknown_expert_layout_is_one_line() -> None:
     examples = random_examples([5, 3], model.config.vocab_size)
     with pytest.raises(EstimateError, match=r"layers\.1\.mlp: .*\(transposed\).*--statistic gram"):
         compute_fisher(model, examples, EstimateConfig())
+
+
+def test_mixtral_node_stores_merge_through_mergekit(tmp_path: Path) -> None:
+    """Node stores of two Mixtrals: [E, 1, I] / [E, 2I, 1] broadcast onto the fused experts in
+    mergekit's fisher merge (the dense formula), routers and norms averaged."""
+    from conftest import fisher_recipe, run_recipe, save_tiny_model, stored_fisher
+    from test_estimate import TEXTS, write_jsonl
+    from test_methods_fisher import assert_close as assert_merged
+    from test_methods_fisher import dense_reference
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in TEXTS])
+    kw = {k: v for k, v in MOE.items() if k not in ("num_experts", "moe_intermediate_size")}
+    models = [save_tiny_model(tmp_path / f"m{i}", arch="mixtral", seed=i, **kw) for i in (1, 2)]
+    stores = [
+        estimate_fisher(m, data, tmp_path / f"f{i}", granularity="nodes", progress=False)
+        for i, m in enumerate(models)
+    ]
+    assert all(s.averages_uncovered for s in stores)
+    thetas = [
+        {n: p.detach() for n, p in AutoModelForCausalLM.from_pretrained(m).named_parameters()}
+        for m in models
+    ]
+    fishers = [stored_fisher(s.path) for s in stores]
+    assert fishers[0]["model.layers.0.mlp.experts.down_proj"].shape == (4, 1, 48)
+    recipe = fisher_recipe(
+        models, [s.path for s in stores], [1.0, 1.0], normalize=False, epsilon=0.0
+    )
+    merged = run_recipe(recipe, tmp_path / "o")
+    ones = [
+        {n: fisher.get(n, torch.ones(())) for n in theta} for fisher, theta in zip(fishers, thetas)
+    ]
+    ref = dense_reference(thetas, ones, [1.0, 1.0], normalize=False, epsilon=0.0)
+    for name in ("model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"):
+        assert_merged({name: merged[name]}, {name: ref[name]})
+    router = "model.layers.1.mlp.gate.weight"  # uncovered: the average
+    assert torch.allclose(merged[router], (thetas[0][router] + thetas[1][router]) / 2, atol=1e-6)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -41,10 +42,19 @@ def tiny_model(arch: str = "llama", dtype: torch.dtype = torch.float64, **kw):  
 def test_node_values_match_explicit_masks(arch: str, mode: str, kv: int) -> None:
     model = tiny_model(arch, num_key_value_heads=kv)
     examples = random_examples(LENGTHS, model.config.vocab_size, seed=2, prompt=3)
+    assert_nodes_match_masks(model, examples, mode, seed=4)
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def assert_nodes_match_masks(
+    model: torch.nn.Module, examples: list, mode: str, seed: int
+) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Estimate nodes (batches of 4, two draws when sampled) and check every layer's head,
+    neuron and kv values against explicit masks; returns the result and its node values."""
     samples = 2 if mode == "sampled" else 1
-    ref = naive_node_fisher(model, examples, mode=mode, samples=samples, seed=4)
+    ref = naive_node_fisher(model, examples, mode=mode, samples=samples, seed=seed)
     config = EstimateConfig(
-        mode=mode, granularity="nodes", batch_size=4, samples_per_example=samples, seed=4
+        mode=mode, granularity="nodes", batch_size=4, samples_per_example=samples, seed=seed
     )
     result = compute_fisher(model, examples, config)
     values = result.collector.node_values(len(examples) * samples)
@@ -54,7 +64,7 @@ def test_node_values_match_explicit_masks(arch: str, mode: str, kv: int) -> None
         assert rel_error(values[f"{p}.neurons"], ref[f"{p}.neurons"]) <= TOL
         # GQA: the kv value is exactly the Fisher of a mask on that kv head's values.
         assert rel_error(values[f"{p}.kv"], ref[f"{p}.vmask"]) <= TOL
-    assert not any(p.requires_grad for p in model.parameters())
+    return result, values
 
 
 def test_mapping_broadcasts_onto_the_gated_weights() -> None:

@@ -22,7 +22,13 @@ Fused layouts map through the fused weights' row segments: Phi-3's ``qkv_proj`` 
 v heads and ``gate_up_proj`` rows gate | up neurons; Starcoder2's MLP is ``c_fc`` / ``c_proj``;
 GPT-2's ``Conv1D`` weights are [in, out], so its values lie along the other axis.
 
-Embeddings, norms and lm_head are not covered: the store says ``uncovered: average``.
+Sparse MoE layers (Mixtral, Qwen3-MoE; fused ``experts.gate_up_proj`` [E, 2I, H] and
+``experts.down_proj`` [E, H, I]): one mask per expert neuron on that expert's gated activation,
+so only the tokens routed to expert e contribute to its values, sum_r a_r[i] (W_e^T w dy_t)[i]
+per example. They map onto ``gate_up_proj`` rows ([E, 2I, 1]: gate and up rows of a neuron) and
+``down_proj`` columns ([E, 1, I]).
+
+Embeddings, norms, routers and lm_head are not covered: the store says ``uncovered: average``.
 """
 
 from __future__ import annotations
@@ -35,11 +41,19 @@ from torch import nn
 
 from mergekit_fisher.estimate.config import EstimateError
 from mergekit_fisher.estimate.full import _bind, accumulator_dtype, is_conv1d
-from mergekit_fisher.estimate.moe import refuse_fused
+from mergekit_fisher.estimate.moe import (
+    MoeBlock,
+    expert_activation,
+    expert_input_grad,
+    moe_block,
+    refuse_fused,
+    routed_rows,
+    tap_experts,
+)
 from mergekit_fisher.estimate.taps import BatchState, tap
 
-SUPPORTED = "Llama, Mistral, Qwen2/Qwen3, Gemma 2/3, Phi-3, Starcoder2, GPT-2"
-_MOE_HINT = "use --granularity full (exact for MoE) or --statistic gram"
+SUPPORTED = "Llama, Mistral, Qwen2/Qwen3, Gemma 2/3, Phi-3, Starcoder2, GPT-2, Mixtral, Qwen3-MoE"
+_MOE_HINT = "use --granularity full or --statistic gram"
 
 # Known layouts: the projections whose output rows hold segments ("q", "k", "v" heads, "n"
 # neurons) in order, and the module whose input is masked (heads, resp. neurons).
@@ -61,12 +75,18 @@ class NodeLayer:
 
     prefix: str
     o: nn.Module  # its input is masked per query head
-    down: nn.Module  # its input is masked per neuron
+    down: nn.Module | None  # its input is masked per neuron (None: a sparse MoE layer)
     rows: list[tuple[nn.Module, tuple[str, ...]]]  # projections and their output-row segments
     heads: int
     kv_heads: int
     head_dim: int
-    neurons: int
+    neurons: int  # per expert in a sparse MoE layer
+    moe: MoeBlock | None = None  # each expert's down_proj input is masked per neuron
+
+    @property
+    def neuron_shape(self) -> tuple[int, ...]:
+        """[I] for a dense MLP, [E, I] for a sparse MoE layer."""
+        return (self.moe.experts.down_proj.shape[0], self.neurons) if self.moe else (self.neurons,)
 
 
 def _dense(module: object) -> bool:
@@ -105,7 +125,8 @@ def _num_heads(model: nn.Module) -> int:
 def _layer(prefix: str, layer: nn.Module, heads: int) -> NodeLayer:
     """Match one decoder layer against the known layouts and check the head/neuron shapes."""
     attn = _match(getattr(layer, "self_attn", None) or getattr(layer, "attn", None), _ATTN_LAYOUTS)
-    mlp = _match(getattr(layer, "mlp", None), _MLP_LAYOUTS)
+    moe = moe_block(f"{prefix}.mlp", getattr(layer, "mlp", None))
+    mlp = ([], None) if moe else _match(getattr(layer, "mlp", None), _MLP_LAYOUTS)
     if attn is None or mlp is None:
         what = "attention (q/k/v/o or fused qkv)" if attn is None else "MLP (gate/up/down or fused)"
         raise EstimateError(
@@ -123,6 +144,9 @@ def _layer(prefix: str, layer: nn.Module, heads: int) -> NodeLayer:
             f"cannot map head masks onto {prefix}: q/k/v/o shapes do not fit {heads} heads of "
             f"{o_in} inputs; use --granularity full"
         )
+    if moe is not None:
+        neurons = moe.experts.down_proj.shape[2]
+        return NodeLayer(prefix, o, None, attn_rows, heads, kv, head_dim, neurons, moe)
     neurons = _out_in(down)[1]
     if sum(_out_in(m)[0] for m, _ in mlp_rows) != neurons * sum(len(s) for _, s in mlp_rows):
         raise EstimateError(
@@ -172,8 +196,11 @@ class NodeCollector:
         self.state = state
         self.mapping = mapping
         self.kv_reduce = kv_heads
-        refuse_fused(model, "nodes", _MOE_HINT, owned=set())
         self.layers = find_layers(model)
+        owned = {
+            id(p) for layer in self.layers if layer.moe for p in layer.moe.experts.parameters()
+        }
+        refuse_fused(model, "nodes", _MOE_HINT, owned)
         self.names = {id(p): n for n, p in model.named_parameters()}
         dtype = accumulator_dtype(next(model.parameters()).dtype)
         self.accumulators: dict[str, torch.Tensor] = {}
@@ -185,9 +212,9 @@ class NodeCollector:
             self.accumulators[f"{layer.prefix}.kv"] = torch.zeros(
                 layer.kv_heads, dtype=dtype, device=dev
             )
-            dev = layer.down.weight.device
+            dev = (layer.moe.experts.down_proj if layer.moe else layer.down.weight).device
             self.accumulators[f"{layer.prefix}.neurons"] = torch.zeros(
-                layer.neurons, dtype=dtype, device=dev
+                layer.neuron_shape, dtype=dtype, device=dev
             )
         self._handles: list[Any] = []
 
@@ -196,6 +223,10 @@ class NodeCollector:
             self._handles.append(
                 layer.o.register_forward_pre_hook(_bind(self._pre_hook, (layer, "heads")))
             )
+            if layer.moe is not None:
+                hook = _bind(self._on_experts, layer)
+                self._handles.append(layer.moe.experts.register_forward_hook(hook))
+                continue
             self._handles.append(
                 layer.down.register_forward_pre_hook(_bind(self._pre_hook, (layer, "neurons")))
             )
@@ -208,6 +239,32 @@ class NodeCollector:
     def _pre_hook(self, site: tuple[NodeLayer, str], module: nn.Module, args: tuple) -> tuple:
         x = args[0]
         return (tap(x, self.state, _bind(self._backward, site), x), *args[1:])
+
+    def _on_experts(self, layer: NodeLayer, module: nn.Module, args: tuple, output: Any) -> Any:
+        assert layer.moe is not None
+        return tap_experts(
+            layer.moe, self.state, _bind(self._experts_backward, layer), args, output
+        )
+
+    def _experts_backward(
+        self,
+        layer: NodeLayer,
+        dy: torch.Tensor,
+        x: torch.Tensor,
+        index: torch.Tensor,
+        weights: torch.Tensor,
+    ) -> None:
+        """Per example and expert neuron: sum over the rows routed there of a * da."""
+        assert layer.moe is not None
+        experts, b = layer.moe.experts, self.state.batch_size
+        acc = self.accumulators[f"{layer.prefix}.neurons"]
+        t = dy.shape[0] // b
+        s = torch.zeros(b, *acc.shape, dtype=acc.dtype, device=dy.device)  # [B, E, I]
+        for e, tok, x_e, dyw in routed_rows(self.state, dy, x, index, weights):
+            a = experts._apply_gate(expert_activation(experts, e, x_e))
+            da = expert_input_grad(experts, e, dyw, a)
+            s[:, e].index_add_(0, tok // t, a.to(acc.dtype) * da.to(acc.dtype))
+        acc.add_(s.square().sum(0).to(acc.device))
 
     def _backward(self, site: tuple[NodeLayer, str], dx: torch.Tensor, x: torch.Tensor) -> None:
         layer, kind = site
@@ -282,7 +339,12 @@ def map_layer(
             values = layer_mean  # one value for the whole separate v_proj
         _put(out, module, values, names, along_outputs=True)
     _put(out, layer.o, rows_q if mapping == "heads" else layer_mean, names, along_outputs=False)
-    _put(out, layer.down, neurons, names, along_outputs=False)
+    if layer.moe is not None:
+        experts = layer.moe.experts
+        out[names[id(experts.gate_up_proj)]] = torch.cat([neurons, neurons], 1)[:, :, None]
+        out[names[id(experts.down_proj)]] = neurons[:, None, :]
+    else:
+        _put(out, layer.down, neurons, names, along_outputs=False)
     return out
 
 
