@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,8 +31,9 @@ GENTLE = TrainSettings(steps=30, lr=5e-5, batch_size=16, warmup=4)
 
 def tokenize(tokenizer, items: Sequence[Problem], scratch: Path) -> list[Example]:  # type: ignore[no-untyped-def]
     """Chat examples with assistant-only targets, through the product's data loader."""
-    path = write_jsonl(items, scratch / "tokenize.jsonl")
-    return list(load_calibration_data([str(path)], tokenizer, max_length=256).examples)
+    with tempfile.TemporaryDirectory(dir=scratch) as tmp:  # processes may share ``scratch``
+        path = write_jsonl(items, Path(tmp) / "problems.jsonl")
+        return list(load_calibration_data([str(path)], tokenizer, max_length=256).examples)
 
 
 def _pad_id(tokenizer) -> int:  # type: ignore[no-untyped-def]
