@@ -268,7 +268,8 @@ def normalized(
 def collect(args: argparse.Namespace) -> dict[str, dict[str, dict[str, list[float]]]]:
     """setting -> row -> {"norm": [per seed], task: [per seed accuracy]} from the cache."""
     found: dict[str, dict[str, dict[str, list[float]]]] = {}
-    for setting, tasks in SETTINGS.items():
+    for setting in args.settings:
+        tasks = SETTINGS[setting]
         for seed in args.seeds:
             path = args.workdir / f"seed{seed}" / f"scores-{args.split}.jsonl"
             if not path.exists():
