@@ -161,7 +161,7 @@ def test_methods_build_each_methods_own_recipe(caplog: pytest.LogCaptureFixture)
             }
             assert stores == expected.get(method, set())
     assert by_method["fisher"][0]["models"][0]["parameters"] == {"weight": 1.0, "fisher": "f1"}
-    assert [r["parameters"]["gamma"] for r in by_method["fisher_arithmetic"]] == [0, 0.05, 0.2, 0.5]
+    assert [r["parameters"]["gamma"] for r in by_method["fisher_arithmetic"]] == [0, 0.1, 0.3, 1]
     assert [r["models"][1]["parameters"]["weight"] for r in by_method["task_arithmetic"]] == [
         0.5,
         0.75,

@@ -50,7 +50,7 @@ METHOD_GRIDS: dict[str, MethodGrid] = {
     "della": MethodGrid(store=None, needs_base=True, points=TRIMMED),
     "fisher": MethodGrid(store="fisher", needs_base=False),
     "fisher_arithmetic": MethodGrid(
-        "fisher", True, _points("gamma", (0.0, 0.05, 0.2, 0.5), per_model=False, weight=1.0)
+        "fisher", True, _points("gamma", (0.0, 0.1, 0.3, 1.0), per_model=False, weight=1.0)
     ),
     "fisher_ties": MethodGrid(
         "fisher", True, _points("density", (1.0, 0.7), per_model=True, weight=1.0)
