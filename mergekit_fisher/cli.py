@@ -90,7 +90,7 @@ def merge_command(args: tuple[str, ...]) -> None:
     "--methods",
     default=None,
     help="`all` or a comma list of: linear, task_arithmetic, ties, dare_ties, della, karcher, "
-    "fisher, fisher_arithmetic, regmean. Compare methods, each on a small default grid. The recipe "
+    "fisher, fisher_arithmetic, fisher_ties, regmean. Compare methods, each on a small default grid. The recipe "
     "lists base_model and each model once with every store it has (fisher:, gram:); methods "
     "whose inputs are missing are skipped.",
 )

@@ -49,8 +49,8 @@ Reader = Callable[[int | None, int | None], torch.Tensor]
 
 def coefficients(fishers: Sequence[torch.Tensor], gamma: float) -> list[torch.Tensor]:
     """c_m for each expert (see the module docstring), broadcast to the Fisher tensors' shape."""
-    total = torch.zeros(torch.broadcast_shapes(*(f.shape for f in fishers)), dtype=fishers[0].dtype)
-    total = total.to(fishers[0].device)
+    shape = torch.broadcast_shapes(*(f.shape for f in fishers))
+    total = torch.zeros(shape, dtype=fishers[0].dtype, device=fishers[0].device)
     for f in fishers:
         total.add_(f)
     gain = 1.0 + gamma * (len(fishers) - 1)
