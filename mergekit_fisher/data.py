@@ -483,13 +483,18 @@ def _tokenize_record(
                 f"lists), got {type(prompt).__name__} and {type(completion).__name__}"
             )
         return _prompt_completion_example(tokenizer, prompt, completion, max_length)
-    text = record[text_field]
+    return _text_example(tokenizer, _text_of(record, text_field, where), max_length)
+
+
+def _text_of(record: str | dict[str, Any], text_field: str, where: str) -> str:
+    """A plain-text record's text (the record itself, or its ``text_field``)."""
+    text = record if isinstance(record, str) else record[text_field]
     if not isinstance(text, str):
         raise DataError(
             f"{where}: field {text_field!r} is {type(text).__name__}, expected a string; "
             "choose another field with --text-field"
         )
-    return _text_example(tokenizer, text, max_length)
+    return text
 
 
 def _pack(texts: Iterable[list[int]], eos_id: int, max_length: int) -> Iterator[Example]:
@@ -538,28 +543,63 @@ def load_calibration_data(
     if isinstance(sources, (str, os.PathLike)):
         sources = [os.fspath(sources)]
     sources = tuple(os.fspath(s) for s in sources)
+    _check_arguments(sources, tokenizer, max_length, num_samples, pack)
+    reader = _Reader(sources, [_classify(s) for s in sources], split, text_field)
+    examples, dropped = _keep_targeted(reader.examples(tokenizer, max_length, pack), num_samples)
+    _check_result(sources, reader.records_read, len(examples), dropped, max_length, num_samples)
+    settings = {"max_length": max_length, "text_field": text_field, "pack": pack}
+    data = CalibrationData(
+        examples=tuple(examples),
+        fingerprint=_fingerprint(
+            sources, reader.opened, tokenizer, **settings, num_samples=num_samples, split=split
+        ),
+        sources=sources,
+        contents=_contents(reader.opened),
+    )
+    logger.info(
+        "calibration data: %d examples, %d target tokens from %s",
+        len(data.examples),
+        data.num_tokens,
+        ", ".join(sources),
+    )
+    return data
+
+
+def _check_arguments(
+    sources: Sequence[str],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    num_samples: int | None,
+    pack: bool,
+) -> None:
     if not sources:
         raise DataError("no calibration data given; pass at least one file or dataset")
     if max_length < 2:
         raise DataError(f"max_length={max_length}: needs at least 2 tokens to have a target")
     if num_samples is not None and num_samples < 1:
         raise DataError(f"num_samples={num_samples}: must be at least 1 (or unset for all)")
-    eos_id = getattr(tokenizer, "eos_token_id", None)
-    if pack and eos_id is None:
+    if pack and getattr(tokenizer, "eos_token_id", None) is None:
         raise DataError("pack needs a tokenizer with an eos_token to separate texts")
 
-    opened: list[_Source] = []
-    counts = {"records": 0, "dropped": 0}
-    warned: set[str] = set()
 
-    kinds = [_classify(s) for s in sources]
+@dataclass
+class _Reader:
+    """The sources' records, round-robin (N samples of several files are a mixture of them),
+    opened lazily: a source after the one where reading stopped is never opened."""
 
-    def records() -> Iterator[tuple[str, str | dict[str, Any], str]]:
-        # Round-robin over the sources: N samples of several files are a mixture of them.
+    sources: Sequence[str]
+    kinds: Sequence[str]
+    split: str
+    text_field: str
+    opened: list[_Source] = field(default_factory=list)
+    records_read: int = 0
+
+    def records(self) -> Iterator[tuple[str, str | dict[str, Any], str]]:
+        """(where, record, record kind) for each record."""
         streams = []
-        for source, kind in zip(sources, kinds):
-            src = _open_source(source, kind, split)
-            opened.append(src)
+        for source, kind in zip(self.sources, self.kinds):
+            src = _open_source(source, kind, self.split)
+            self.opened.append(src)
             streams.append(iter(src.records))
         while streams:
             for stream in list(streams):
@@ -568,79 +608,74 @@ def load_calibration_data(
                     streams.remove(stream)
                     continue
                 where, record = item
-                counts["records"] += 1
-                yield where, record, _record_kind(record, where, text_field)
+                self.records_read += 1
+                yield where, record, _record_kind(record, where, self.text_field)
 
-    def unpacked() -> Iterator[Example]:
-        for where, record, kind in records():
-            yield _tokenize_record(tokenizer, record, kind, where, text_field, max_length, warned)
+    def examples(
+        self, tokenizer: PreTrainedTokenizerBase, max_length: int, pack: bool
+    ) -> Iterator[Example]:
+        """One example per record, or (``pack``) the texts joined and cut into chunks."""
+        if pack:
+            yield from _pack(self._texts(tokenizer), tokenizer.eos_token_id, max_length)
+            return
+        warned: set[str] = set()
+        for where, record, kind in self.records():
+            yield _tokenize_record(
+                tokenizer, record, kind, where, self.text_field, max_length, warned
+            )
 
-    def pack_inputs() -> Iterator[list[int]]:
-        for where, record, kind in records():
+    def _texts(self, tokenizer: PreTrainedTokenizerBase) -> Iterator[list[int]]:
+        for where, record, kind in self.records():
             if kind != "text":
                 raise DataError(
                     f"{where}: pack works only on plain-text records, not {kind} records "
                     "(their prompt masks would be lost); drop --pack"
                 )
-            text = record if isinstance(record, str) else record[text_field]
-            if not isinstance(text, str):
-                raise DataError(
-                    f"{where}: field {text_field!r} is {type(text).__name__}, expected a "
-                    "string; choose another field with --text-field"
-                )
-            yield _ids(tokenizer, text, special=True)
+            yield _ids(tokenizer, _text_of(record, self.text_field, where), special=True)
 
-    stream = _pack(pack_inputs(), eos_id, max_length) if pack else unpacked()
+
+def _keep_targeted(stream: Iterator[Example], num_samples: int | None) -> tuple[list[Example], int]:
+    """The first ``num_samples`` examples with a target token (reading stops there), and how
+    many without one were dropped on the way."""
     examples: list[Example] = []
+    dropped = 0
     for ex in stream:
         if ex.num_targets < 1:
-            counts["dropped"] += 1
+            dropped += 1
             continue
         examples.append(ex)
         if num_samples is not None and len(examples) >= num_samples:
             break
+    return examples, dropped
 
+
+def _check_result(
+    sources: Sequence[str],
+    records: int,
+    kept: int,
+    dropped: int,
+    max_length: int,
+    num_samples: int | None,
+) -> None:
+    """Refuse data that yields nothing; say what was dropped or missing."""
     label = ", ".join(sources)
-    if counts["records"] == 0:
+    if records == 0:
         raise DataError(f"empty dataset: {label} has no records; check the files and --split")
-    if counts["dropped"]:
+    if dropped:
         logger.warning(
             "dropped %d of %d examples with no target token (prompt longer than "
             "max_length=%d, or no assistant turn)",
-            counts["dropped"],
-            counts["dropped"] + len(examples),
+            dropped,
+            dropped + kept,
             max_length,
         )
-    if not examples:
+    if not kept:
         raise DataError(
-            f"no example has a target token: all {counts['dropped']} examples from {label} "
+            f"no example has a target token: all {dropped} examples from {label} "
             f"are fully masked or too short; raise --max-length or check the prompt fields"
         )
-    if num_samples is not None and len(examples) < num_samples:
-        logger.info("asked for %d samples, the data has %d", num_samples, len(examples))
-
-    data = CalibrationData(
-        examples=tuple(examples),
-        fingerprint=_fingerprint(
-            sources,
-            opened,
-            tokenizer,
-            max_length=max_length,
-            text_field=text_field,
-            pack=pack,
-            num_samples=num_samples,
-            split=split,
-        ),
-        sources=sources,
-        contents=_contents(opened),
-    )
-    logger.info(
-        "calibration data: %d examples, %d target tokens from %s",
-        len(data.examples),
-        data.num_tokens,
-        label,
-    )
-    return data
+    if num_samples is not None and kept < num_samples:
+        logger.info("asked for %d samples, the data has %d", num_samples, kept)
 
 
 def _fingerprint(

@@ -286,13 +286,49 @@ def write_store(
     ``statistic="gram"`` stores input Gram matrices for RegMean; ``consumers`` then maps every
     weight name to the Gram tensor of its input (q/k/v projections share one).
     """
+    consumers = dict(consumers) if consumers is not None else {n: n for n in fisher}
+    shapes = _check_inputs(fisher, weights, granularity, statistic, consumers)
+    stored = {
+        name: tensor.detach().to(device="cpu", dtype=store_dtype).contiguous()
+        for name, tensor in fisher.items()
+    }
+    config = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "statistic": statistic,
+        "model": {"name_or_path": model, "revision": revision},
+        "granularity": granularity,
+        "uncovered": "average" if granularity == "nodes" or statistic == "gram" else "error",
+        "store_dtype": str(store_dtype).removeprefix("torch."),
+        "estimator": dict(estimator or {}),
+        "statistics": _statistics(stored, shapes, consumers, statistic),
+        "consumers": {w: consumers[w] for w in sorted(consumers)},
+        "binding": (
+            {w: fingerprint(weights[w]) for w in sorted(consumers)} if weights is not None else None
+        ),
+    }
+    with atomic_directory(Path(out), overwrite=overwrite) as tmp:
+        write_safetensors(stored, tmp, "fisher", shard_size)
+        _write_json(tmp / CONFIG_NAME, config)
+        (tmp / CARD_NAME).write_text(render_card(config), encoding="utf-8")
+    LOG.info("wrote %s store %s (%d tensors)", statistic, out, len(stored))
+    return FisherStore(Path(out))
+
+
+def _check_inputs(
+    fisher: Mapping[str, torch.Tensor],
+    weights: Mapping[str, torch.Tensor] | None,
+    granularity: str,
+    statistic: str,
+    consumers: Mapping[str, str],
+) -> dict[str, tuple[int, ...]]:
+    """Refuse what the store could not describe; returns each weight's shape."""
     if granularity not in GRANULARITIES:
         raise StoreError(f"granularity must be one of {GRANULARITIES}, not {granularity!r}")
     if statistic not in STATISTICS:
         raise StoreError(f"statistic must be one of {STATISTICS}, not {statistic!r}")
     if not fisher:
         raise StoreError("refusing to write an empty store: no tensors were given")
-    consumers = dict(consumers) if consumers is not None else {n: n for n in fisher}
     unknown = sorted(set(consumers.values()) - set(fisher))
     if unknown:
         raise StoreError(f"consumers name tensor(s) {unknown[:5]} that were not given")
@@ -306,45 +342,29 @@ def write_store(
     }
     for weight, name in consumers.items():
         _check_tensor(name, fisher[name], shapes[weight], statistic)
-    stored = {
-        name: tensor.detach().to(device="cpu", dtype=store_dtype).contiguous()
-        for name, tensor in fisher.items()
-    }
-    # Statistics describe what the merge will read: the stored values, expanded as used.
+    return shapes
+
+
+def _statistics(
+    stored: Mapping[str, torch.Tensor],
+    shapes: Mapping[str, tuple[int, ...]],
+    consumers: Mapping[str, str],
+    statistic: str,
+) -> dict[str, Any]:
+    """Statistics of what the merge will read: the stored values, expanded as used."""
     expanded = {name: tuple(stored[name].shape) for name in stored}
     for weight, name in consumers.items():
         if statistic == "fisher":
             expanded[name] = shapes[weight]
     stats = {name: _tensor_stats(stored[name], expanded[name]) for name in stored}
-    total_sumsq = sum(s.sumsq for s in stats.values())
-    config = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "statistic": statistic,
-        "model": {"name_or_path": model, "revision": revision},
-        "granularity": granularity,
-        "uncovered": "average" if granularity == "nodes" or statistic == "gram" else "error",
-        "store_dtype": str(store_dtype).removeprefix("torch."),
-        "estimator": dict(estimator or {}),
-        "statistics": {
-            "global_l2_norm": math.sqrt(total_sumsq),
-            "global_sum": sum(s.sum for s in stats.values()),
-            "num_tensors": len(stats),
-            "num_elements": sum(math.prod(shapes[w]) for w in consumers),
-            "stored_elements": sum(t.numel() for t in stored.values()),
-            "tensors": {name: stats[name].to_json() for name in sorted(stats)},
-        },
-        "consumers": {w: consumers[w] for w in sorted(consumers)},
-        "binding": (
-            {w: fingerprint(weights[w]) for w in sorted(consumers)} if weights is not None else None
-        ),
+    return {
+        "global_l2_norm": math.sqrt(sum(s.sumsq for s in stats.values())),
+        "global_sum": sum(s.sum for s in stats.values()),
+        "num_tensors": len(stats),
+        "num_elements": sum(math.prod(shapes[w]) for w in consumers),
+        "stored_elements": sum(t.numel() for t in stored.values()),
+        "tensors": {name: stats[name].to_json() for name in sorted(stats)},
     }
-    with atomic_directory(Path(out), overwrite=overwrite) as tmp:
-        write_safetensors(stored, tmp, "fisher", shard_size)
-        _write_json(tmp / CONFIG_NAME, config)
-        (tmp / CARD_NAME).write_text(render_card(config), encoding="utf-8")
-    LOG.info("wrote %s store %s (%d tensors)", statistic, out, len(stored))
-    return FisherStore(Path(out))
 
 
 def is_hub_id(ref: str) -> bool:

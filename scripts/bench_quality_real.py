@@ -284,6 +284,7 @@ def collect(args: argparse.Namespace) -> dict[str, dict[str, dict[str, list[floa
                 continue
             for row, result in results.items():
                 cell = found.setdefault(setting, {}).setdefault(row, {})
+                cell.setdefault("seed", []).append(seed)
                 cell.setdefault("norm", []).append(normalized(result, experts, tasks))  # type: ignore[arg-type]
                 cell.setdefault("loss", []).append(
                     statistics.fmean(result[t]["loss"] for t in tasks)
@@ -299,27 +300,77 @@ def _mean(values: list[float]) -> str:
 
 
 def report(found: dict[str, dict[str, dict[str, list[float]]]]) -> str:
-    """Markdown tables: per setting, each row's EM per task and normalized EM (mean ± std)."""
+    """Markdown tables: per setting, each row's EM per task and normalized EM (mean ± std over
+    the seeds it has), then the verdict lines."""
     lines = []
     for setting, rows in found.items():
         tasks = SETTINGS[setting]
         seeds = max(len(cell["norm"]) for cell in rows.values())
         lines += [
             f"\n### {setting} ({', '.join(tasks)}; {seeds} seed(s))\n",
-            "| model | " + " | ".join(f"EM {t}" for t in tasks) + " | answer loss | norm EM |",
-            "| --- |" + " ---: |" * (len(tasks) + 2),
+            "| model | "
+            + " | ".join(f"EM {t}" for t in tasks)
+            + " | answer loss | norm EM | seeds |",
+            "| --- |" + " ---: |" * (len(tasks) + 3),
         ]
         for row in sorted(rows, key=lambda r: -statistics.fmean(rows[r]["norm"])):
             cells = [f"{statistics.fmean(rows[row][t]):.2f}" for t in tasks]
             loss = f"{statistics.fmean(rows[row]['loss']):.3f}"
             lines.append(
-                f"| {row} | " + " | ".join(cells) + f" | {loss} | {_mean(rows[row]['norm'])} |"
+                f"| {row} | " + " | ".join(cells) + f" | {loss} | {_mean(rows[row]['norm'])} | "
+                f"{len(rows[row]['norm'])} |"
             )
+        lines += ["", *verdict(setting, rows)]
     return "\n".join(lines)
 
 
+def _family(row: str) -> str:
+    """``ours``, ``mergekit`` or ``searched``: who made the row's method."""
+    name = row.split(":")[0]
+    if name == "searched":
+        return "searched"
+    return "ours" if name.removesuffix("_nodes") in OUR_ROWS else "mergekit"
+
+
+def verdict(setting: str, rows: dict[str, dict[str, list[float]]]) -> list[str]:
+    """Issue 12's checks, over the seeds every compared row has: our best method vs mergekit's
+    best at defaults and vs task_arithmetic, and the searched merge vs mergekit's best (mean
+    difference, seeds ahead)."""
+    merges = {r: c for r, c in rows.items() if r != "base" and not r.startswith("expert")}
+    seeds = max((len(c["norm"]) for c in merges.values()), default=0)
+    full = {
+        r: dict(zip(c["seed"], c["norm"])) for r, c in merges.items() if len(c["norm"]) == seeds
+    }
+
+    def best(family: str) -> str | None:
+        found = [r for r in full if _family(r) == family and ":" not in r]
+        return max(found, key=lambda r: statistics.fmean(full[r].values()), default=None)
+
+    def versus(a: str | None, b: str | None) -> str:
+        if a is None or b is None:
+            return ""
+        diffs = [full[a][s] - full[b][s] for s in full[a]]
+        ahead = sum(d > 0 for d in diffs)
+        return (
+            f"{a} {statistics.fmean(full[a].values()):.3f} vs {b} "
+            f"{statistics.fmean(full[b].values()):.3f}: {statistics.fmean(diffs):+.3f} "
+            f"(ahead in {ahead}/{len(diffs)} seeds)"
+        )
+
+    theirs = best("mergekit")
+    lines = [
+        f"- {setting}, rows with all {seeds} seeds: our best vs mergekit's best: "
+        + versus(best("ours"), theirs),
+        "- our best vs task_arithmetic: " + versus(best("ours"), "task_arithmetic"),
+    ]
+    if "searched" in full:
+        lines.append("- searched vs mergekit's best: " + versus("searched", theirs))
+    return lines
+
+
 def chart(found: dict[str, dict[str, dict[str, list[float]]]], path: Path) -> None:
-    """Horizontal bars of normalized EM per merge row, one panel per setting."""
+    """Horizontal bars of normalized EM per merge row (± std over seeds), one panel per
+    setting: ours orange, mergekit's grey, ``searched`` blue."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -330,8 +381,11 @@ def chart(found: dict[str, dict[str, dict[str, list[float]]]], path: Path) -> No
         merges = [r for r in rows if r != "base" and not r.startswith("expert")]
         merges.sort(key=lambda r: statistics.fmean(rows[r]["norm"]))
         means = [statistics.fmean(rows[r]["norm"]) for r in merges]
-        ours = [r.split(":")[0].removesuffix("_nodes") in OUR_ROWS for r in merges]
-        ax.barh(merges, means, color=["tab:orange" if o else "tab:gray" for o in ours])
+        spread = [
+            statistics.stdev(rows[r]["norm"]) if len(rows[r]["norm"]) > 1 else 0.0 for r in merges
+        ]
+        colors = {"ours": "tab:orange", "mergekit": "tab:gray", "searched": "tab:blue"}
+        ax.barh(merges, means, xerr=spread, color=[colors[_family(r)] for r in merges])
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_title(f"SmolLM2-135M-Instruct, {setting}")
         ax.set_xlabel("normalized exact match (1 = every expert kept)")

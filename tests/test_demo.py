@@ -128,7 +128,7 @@ def test_recipes_are_valid_mergekit_configs(tmp_path: Path) -> None:
         kind: [tmp_path / f"{kind}-a", tmp_path / f"{kind}-b"] for kind in ("full", "nodes", "gram")
     }
     stores["base"] = [tmp_path / "base-full"]
-    for row in MERGES:
+    for row in (r for r in MERGES if SPECS[r].search != "methods"):
         config = recipe(row, base, [a, b], stores)
         text = recipe_text(config)
         parsed = MergeConfiguration.model_validate(yaml.safe_load(text))
@@ -167,6 +167,15 @@ def test_recipes_are_valid_mergekit_configs(tmp_path: Path) -> None:
         assert [m["parameters"] for m in config["models"]] == [
             {"weight": 1.0, "fisher": str(p)} for p in stores["full"]
         ]
+    # `search --methods` starts from the base and every store of each expert.
+    assert recipe("search (all methods)", base, [a, b], stores) == {
+        "base_model": str(base),
+        "models": [
+            {"model": str(m), "parameters": {"fisher": str(f), "gram": str(g)}}
+            for m, f, g in zip((a, b), stores["full"], stores["gram"])
+        ],
+        "dtype": "float32",
+    }
 
 
 def test_mixture_alternates_and_truncates() -> None:
@@ -381,7 +390,8 @@ def test_reduced_demo_end_to_end(tmp_path: Path) -> None:
         # A searched row merges the best candidate of its grid scored on `valid`: the rev
         # expert's weight (3), times the base's strength when anchored (3 x 3).
         searched = {"fisher (searched)": 3, "fisher+base (searched)": 9}
-        assert set(seed["search"]) == set(searched)
+        assert set(seed["search"]) == {*searched, "search (all methods)"}
+        _check_methods_search(seed["search"]["search (all methods)"], recipes, table)
         for row, candidates in searched.items():
             search = seed["search"][row]
             assert search["held_out"] == "valid" and len(search["candidates"]) == candidates
@@ -396,6 +406,24 @@ def test_reduced_demo_end_to_end(tmp_path: Path) -> None:
         assert all(row in table for row in rows)
     assert saved["seeds"][0]["shared_timings_s"]["estimate_base"] >= 0
     assert "verdict: close: " in table and "verdict: forget: " in table
+
+
+def _check_methods_search(record: dict, recipes: dict[str, str], table: str) -> None:  # type: ignore[type-arg]
+    """The ``search --methods all`` row: every method's default grid scored per task on
+    ``valid``, mergekit's own methods among them; the lowest objective is the recipe merged."""
+    from mergekit_fisher.search import METHOD_GRIDS
+
+    candidates = record["candidates"]
+    assert {c["method"] for c in candidates} == set(METHOD_GRIDS)
+    assert sum(len(g.points) for g in METHOD_GRIDS.values()) == len(candidates)
+    for c in candidates:
+        assert set(c["losses"]) == {"add-valid", "rev-valid"}
+        assert c["loss"] == pytest.approx(sum(c["losses"].values()) / 2, abs=2e-6)
+    best = min(candidates, key=lambda c: c["loss"])
+    assert record["best"] == best
+    assert f"merge_method: {best['method']}" in recipes["search (all methods)"]
+    assert f"search for search (all methods) ({len(candidates)} candidates" in table
+    assert best["label"] in table
 
 
 @pytest.mark.skipif(not _estimator_available(), reason="mergekit_fisher.estimate_fisher missing")

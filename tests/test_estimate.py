@@ -282,3 +282,18 @@ def test_gpt2_store_merges_through_mergekit(tmp_path: Path) -> None:
     name = "transformer.h.1.attn.c_attn.weight"
     fa, fb = (s.get(name) + 1e-8 for s in stores)
     torch.testing.assert_close(merged[name], (fa * a[name] + fb * b[name]) / (fa + fb))
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_no_progress_also_silences_transformers_bars(
+    model_dir: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str], progress: bool
+) -> None:
+    """``--no-progress`` means no bar at all, transformers' "Loading weights" included; its
+    own setting is restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in TEXTS])
+    capfd.readouterr()
+    estimate_fisher(model_dir, data, tmp_path / "out", progress=progress, batch_size=4)
+    assert ("Loading weights" in capfd.readouterr().err) == progress
+    assert hf_logging.is_progress_bar_enabled()

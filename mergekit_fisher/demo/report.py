@@ -166,13 +166,19 @@ def _table(summary: Mapping[str, Any], names: Sequence[str]) -> list[str]:
 
 
 def _search_lines(part: Mapping[str, Any]) -> list[str]:
-    """Which coefficients each search chose in each seed (and whether at the grid's edge)."""
+    """What each search chose in each seed: coefficients (and whether at the grid's edge), or
+    the method and its parameters."""
     lines = []
     for row in SPECS:
         runs = [(s["seed"], s["search"][row]) for s in part["seeds"] if row in s.get("search", {})]
         if not runs:
             continue
         records = [r for _, r in runs]
+        if "grid" not in records[0]:
+            chosen = ", ".join(f"seed {seed}: {r['best']['label']}" for seed, r in runs)
+            count = len(records[0]["candidates"])
+            lines.append(f"search for {row} ({count} candidates; valid loss per task): {chosen}")
+            continue
         chosen = ", ".join(f"seed {seed}: {r['best']['weights']}" for seed, r in runs)
         edges = sum(r["at_grid_edge"] for r in records)
         models = " / ".join(records[0]["models"])

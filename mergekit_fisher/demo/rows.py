@@ -23,7 +23,9 @@ class MergeSpec:
     own store). ``trimmed``: each expert gets ``DemoSettings.ties_density`` (mergekit's default
     1.0 trims nothing). ``weighted``: the method takes a per-model ``weight`` (karcher does
     not). ``search``: what ``mergekit_fisher.search`` chooses on the ``valid`` split before the
-    merge (``"weights"``: the recipe weights, over ``DemoSettings.search_weights``), or nothing.
+    merge (``"weights"``: the recipe weights, over ``DemoSettings.search_weights``;
+    ``"methods"``: the method and its parameters, from ``search --methods`` with ``method`` as
+    the list, each expert offering its ``full`` and ``gram`` stores), or nothing.
     """
 
     method: str
@@ -32,7 +34,7 @@ class MergeSpec:
     anchored: bool = False
     trimmed: bool = False
     weighted: bool = True
-    search: Literal["", "weights"] = ""
+    search: Literal["", "weights", "methods"] = ""
 
 
 SPECS: dict[str, MergeSpec] = {
@@ -49,6 +51,7 @@ SPECS: dict[str, MergeSpec] = {
     "regmean": MergeSpec("regmean", "gram"),
     "fisher_arithmetic": MergeSpec("fisher_arithmetic", "full", task_vectors=True),
     "fisher_ties": MergeSpec("fisher_ties", "full", task_vectors=True),
+    "search (all methods)": MergeSpec("all", search="methods"),
 }
 MERGES = tuple(SPECS)
 """Merge rows, in table order; ``fisher (nodes)`` is dropped when the estimator lacks nodes."""

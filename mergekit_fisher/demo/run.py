@@ -15,7 +15,9 @@ Per seed, on CPU (docs/demo.md has the numbers and the reasons):
    ``rows.SPECS``: mergekit's ``linear``, ``karcher``, ``task_arithmetic``, ``ties`` and
    ``dare_ties``; ``fisher`` (full, nodes), ``fisher`` anchored on the base, both with
    coefficients chosen by ``mergekit_fisher.search`` on the ``valid`` split, ``regmean``, and
-   the task-vector methods ``fisher_arithmetic`` and ``fisher_ties``;
+   the task-vector methods ``fisher_arithmetic`` and ``fisher_ties``; and ``search (all
+   methods)``: whatever ``search --methods all`` picks on the ``valid`` split (one file per
+   task), mergekit's methods included;
 5. evaluate base, experts and merges on ``eval_size`` held-out problems per task (greedy
    exact match and completion loss).
 
@@ -39,15 +41,18 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from mergekit_fisher.demo.evaluate import TaskScore, evaluate
 from mergekit_fisher.demo.report import format_report, normalized, regime_part, save
-from mergekit_fisher.demo.rows import SPECS, model_rows
+from mergekit_fisher.demo.rows import SPECS, MergeSpec, model_rows
 from mergekit_fisher.demo.tasks import TASKS, Problem, make_tokenizer, sample_problems, write_jsonl
 from mergekit_fisher.demo.train import ModelSize, TrainSettings, build_model, train
+
+if TYPE_CHECKING:
+    from mergekit_fisher.search import Scored, SearchResult
 
 __all__ = ["REGIMES", "DemoSettings", "recipe", "run_demo", "run_from_cli"]
 
@@ -169,6 +174,8 @@ def recipe(
     """
     spec = SPECS[row]
     stores = stores or {}
+    if spec.search == "methods":
+        return _search_inputs(base, experts, stores)
     key = "gram" if spec.store == "gram" else "fisher"
     extra = {"density": ties_density} if spec.trimmed else {}
 
@@ -190,6 +197,18 @@ def recipe(
         out["parameters"] = {"normalize": True}
     out["dtype"] = "float32"
     return out
+
+
+def _search_inputs(
+    base: Path, experts: Sequence[Path], stores: Mapping[str, Sequence[Path]]
+) -> dict[str, Any]:
+    """What ``search --methods`` starts from: the base and each expert with every store it has
+    (``full`` Fisher and ``gram``); each candidate method takes what it needs."""
+    models = [
+        {"model": str(e), "parameters": {"fisher": str(f), "gram": str(g)}}
+        for e, f, g in zip(experts, stores["full"], stores["gram"], strict=True)
+    ]
+    return {"base_model": str(base), "models": models, "dtype": "float32"}
 
 
 def recipe_text(config: Mapping[str, Any]) -> str:
@@ -231,43 +250,81 @@ def merge(config: Mapping[str, Any] | str, out: Path) -> list[str]:
 
 
 def _search(
-    config: Mapping[str, Any], held_out: Path, scratch: Path, settings: DemoSettings
+    spec: MergeSpec,
+    config: Mapping[str, Any],
+    shared: _SeedData,
+    scratch: Path,
+    settings: DemoSettings,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Coefficient search on the held-out (``valid``) file; returns (best recipe, record)."""
-    from mergekit_fisher.search import search
+    """The row's search on the ``valid`` split; returns (best recipe, record)."""
+    from mergekit_fisher.search import parse_methods, search
 
     scratch.mkdir(parents=True, exist_ok=True)
+    if spec.search == "methods":
+        # One file per task, so that each task counts equally (the per-task objective).
+        data = [str(p) for p in shared.valid_files.values()]
+        how: dict[str, Any] = {"methods": parse_methods(spec.method)}
+        samples = -(-settings.search_samples // len(data))
+    else:
+        data, how, samples = (
+            [str(shared.held_out)],
+            {"grid": {"weight": list(settings.search_weights)}},
+            settings.search_samples,
+        )
     restore = _quiet_transformers()
     try:
         result = search(
             config,
-            [str(held_out)],
-            grid={"weight": list(settings.search_weights)},
-            num_samples=settings.search_samples,
+            data,
+            num_samples=samples,
             max_length=settings.size.max_positions,
             batch_size=64,
             device=settings.device,
             scratch=scratch,
+            **how,
         )
     finally:
         restore()
-    names = [Path(m["model"]).name for m in config["models"]]
-    grid = settings.search_weights
-    searched = result.best.weights[1:]
     record = {
         "held_out": "valid",
         "num_samples": settings.search_samples,
         "target_tokens": result.sample_tokens,
-        "models": names,
+        "models": [Path(m["model"]).name for m in config["models"]],
+        "seconds": round(result.seconds, 2),
+    }
+    if spec.search == "methods":
+        record.update(_methods_record(result))
+    else:
+        record.update(_weights_record(result, settings.search_weights))
+    return result.best_recipe, record
+
+
+def _weights_record(result: SearchResult, grid: Sequence[float]) -> dict[str, Any]:
+    """Each weight candidate's loss, the best, and whether a searched weight hit the grid's edge
+    (the first weight stays fixed)."""
+    return {
         "grid": list(grid),
         "candidates": [
             {"weights": list(c.weights), "loss": round(c.loss, 6)} for c in result.candidates
         ],
         "best": {"weights": list(result.best.weights), "loss": round(result.best.loss, 6)},
-        "at_grid_edge": any(w in (min(grid), max(grid)) for w in searched),
-        "seconds": round(result.seconds, 2),
+        "at_grid_edge": any(w in (min(grid), max(grid)) for w in result.best.weights[1:]),
     }
-    return result.best_recipe, record
+
+
+def _methods_record(result: SearchResult) -> dict[str, Any]:
+    """Each method candidate's label, per-task losses and objective, and the pick."""
+
+    def entry(s: Scored) -> dict[str, Any]:
+        losses = {Path(x.source).stem: round(x.mean, 6) for x in s.losses}
+        return {
+            "method": s.candidate.method,
+            "label": s.label(),
+            "losses": losses,
+            "loss": round(s.loss, 6),
+        }
+
+    return {"candidates": [entry(s) for s in result.candidates], "best": entry(result.best)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,6 +376,7 @@ class _SeedData:
     base_store: Path
     calib_files: dict[str, Path]
     held_out: Path
+    valid_files: dict[str, Path]
     evals: dict[str, list[Problem]]
 
 
@@ -388,11 +446,15 @@ def _seed_data(
     held_out = write_jsonl(
         _mixture(valid, settings.search_samples), root / "data" / "valid-mixture.jsonl"
     )
+    valid_files = {
+        t.name: write_jsonl(problems, root / "data" / f"{t.name}-valid.jsonl")
+        for t, problems in zip(TASKS, valid, strict=True)
+    }
     logger.info("seed %d: estimating the base's Fisher on the calibration mixture", seed)
     base_store = _estimate(
         base_dir, base_calib, root / "fishers" / "base-full", "full", settings, seed
     )
-    return _SeedData(seed, base, base_dir, base_store, calib_files, held_out, evals)
+    return _SeedData(seed, base, base_dir, base_store, calib_files, held_out, valid_files, evals)
 
 
 def _order_scores(part: dict[str, Any]) -> None:
@@ -504,7 +566,7 @@ class _RegimeRun:
             if SPECS[row].search:
                 self._log("searching %s on the valid split", row)
                 config, searches[row] = _search(
-                    config, self.shared.held_out, self.root / "search" / slug, self.settings
+                    SPECS[row], config, self.shared, self.root / "search" / slug, self.settings
                 )
                 self.clock.lap("search")
             recipe_path = self.root / "recipes" / f"{slug}.yml"

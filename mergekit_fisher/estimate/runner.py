@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -205,7 +206,8 @@ def _load_model(
                 for i in range(first, first + per_rank)
             }
     try:
-        model = AutoModelForCausalLM.from_pretrained(ref, **kwargs)
+        with _transformers_bars(config.progress):
+            model = AutoModelForCausalLM.from_pretrained(ref, **kwargs)
     except (OSError, ValueError) as error:
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise EstimateError(
@@ -215,6 +217,19 @@ def _load_model(
     if config.device_map is None:
         model.to(device)
     return model
+
+
+@contextmanager
+def _transformers_bars(enabled: bool) -> Iterator[None]:
+    """transformers' own bars (``Loading weights``) on or off, as ``--no-progress`` says."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled and before else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()
 
 
 def _load_tokenizer(ref: str, config: EstimateConfig) -> Any:
