@@ -123,11 +123,20 @@ def check_recipe(config: MergeConfiguration) -> list[ServedModel]:
         for ref in dict.fromkeys(_fisher_refs(params.get(key)) or shared or [None]):
             store = open_model_store(model, ref, key)
             served.append(ServedModel(model, str(ref), store))
-            LOG.info("model %s <- Fisher store %s", model, store.path)
+            _announce(model, store.path)
     return served
 
 
+_ANNOUNCED: set[tuple[str, str]] = set()
 _WARNED_LOSSY: set[str] = set()
+
+
+def _announce(model: str, store: Path) -> None:
+    """Which store serves which model: once per pair and process (a search merges the same
+    inputs many times), then at debug level."""
+    key = (model, str(store))
+    (LOG.debug if key in _ANNOUNCED else LOG.info)("model %s <- Fisher store %s", model, store)
+    _ANNOUNCED.add(key)
 
 
 def warn_lossy(served: list[ServedModel]) -> None:

@@ -82,7 +82,7 @@ def test_grid_parsing_and_candidates() -> None:
 
 
 def test_search_scores_each_source_by_its_merged_models_loss(
-    tmp_path: Path, tiny_llama_pair
+    tmp_path: Path, tiny_llama_pair, caplog: pytest.LogCaptureFixture
 ) -> None:  # type: ignore[no-untyped-def]
     models = list(tiny_llama_pair)
     stores = [make_store(m, tmp_path / f"f{i}", seed=i) for i, m in enumerate(models)]
@@ -90,7 +90,11 @@ def test_search_scores_each_source_by_its_merged_models_loss(
     short.write_text("\n".join(TEXTS))
     long.write_text("\n".join(LONG))
     recipe = fisher_recipe(models, stores, [1.0, 1.0])
-    result = search(recipe, [str(short), str(long)], grid={"weight": [0.25, 4.0]}, batch_size=4)
+    with caplog.at_level("INFO", logger="mergekit_fisher"):
+        result = search(recipe, [str(short), str(long)], grid={"weight": [0.25, 4.0]}, batch_size=4)
+    # Which store serves which model is said once, not once per candidate.
+    for store in stores:
+        assert caplog.text.count(f"<- Fisher store {store}") == 1
     assert len(result.candidates) == 2
     assert result.best.loss == min(c.loss for c in result.candidates)
     losses = {c.weights: c.loss for c in result.candidates}
