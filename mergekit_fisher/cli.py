@@ -335,14 +335,14 @@ def compare_command(store_a: str, store_b: str, top: float, plot: str | None) ->
 )
 @click.option("-v", "--verbose", count=True, help="More logging (-vv: debug).")
 def demo_command(out: str, seeds: int, regime: str, keep_models: bool, verbose: int) -> None:
-    """Which merge wins, and when? Offline, on CPU, in under 5 minutes.
+    """Which merge wins, and when? Offline, on CPU, in about 5 minutes on 2 cores.
 
     Trains a tiny Llama base and, per regime, two experts on two synthetic tasks (2-digit
     addition, reversing letters); estimates Fisher, base-Fisher and Gram stores; merges through
     mergekit with linear, karcher, task_arithmetic, ties, dare_ties, fisher (full, nodes,
     searched coefficients), fisher anchored on the base (fixed and searched), regmean,
-    fisher_arithmetic and fisher_ties; and evaluates every model on held-out problems (mean ±
-    std over seeds). Details: docs/demo.md.
+    fisher_arithmetic, fisher_ties, and whatever `search --methods all` picks; and evaluates
+    every model on held-out problems (mean ± std over seeds). Details: docs/demo.md.
     """
     _setup_logging(verbose)
     from mergekit_fisher.demo.run import run_from_cli
