@@ -175,8 +175,9 @@ class Bench:
 
     def searched_recipe(self, methods: str, tasks: Sequence[str]) -> dict[str, Any]:
         """``search --methods`` on each task's valid split (per-task objective): the recipe it
-        picks. Every store each method may use is listed; the search chooses."""
-        from mergekit_fisher.search import parse_methods, search
+        picks. Every store each method may use is listed; the search chooses. Its report (every
+        candidate's per-task valid losses) is kept beside the scores."""
+        from mergekit_fisher.search import parse_methods, report, search
 
         models = [
             {
@@ -198,6 +199,8 @@ class Bench:
             scratch=self.root,
         )
         LOG.info("seed %d search picked %s", self.seed, result.best.label())
+        record = self.root / f"search-{len(tasks)}-experts-{methods}.json"
+        record.write_text(json.dumps(report(result), indent=1))
         return result.best_recipe
 
     def done(self) -> dict[tuple[str, str], dict[str, Any]]:
