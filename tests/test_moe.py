@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fisher_reference import naive_fisher, random_examples
+from fisher_reference import naive_fisher, random_examples, rel_error
 from test_estimate import FP32_TOL, FP64_TOL, assert_close, tiny_model
 from transformers import AutoModelForCausalLM
 
@@ -153,3 +153,24 @@ def test_mixtral_node_stores_merge_through_mergekit(tmp_path: Path) -> None:
         assert_merged({name: merged[name]}, {name: ref[name]})
     router = "model.layers.1.mlp.gate.weight"  # uncovered: the average
     assert torch.allclose(merged[router], (thetas[0][router] + thetas[1][router]) / 2, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_moe_nodes_under_checkpointing_and_grouped_mm(arch: str) -> None:
+    """Expert-neuron masks are tapped the same way under gradient checkpointing (recomputed
+    forwards) and with transformers' default grouped_mm experts in float32, as users run it."""
+    kw = {k: v for k, v in MOE.items() if k != "experts_implementation"}
+    examples = random_examples(RAGGED, tiny_model(arch, **MOE).config.vocab_size, seed=9, prompt=2)
+    config = EstimateConfig(granularity="nodes", batch_size=4, seed=2)
+    plain = compute_fisher(tiny_model(arch, **MOE), examples, config).fisher
+    ckpt = compute_fisher(
+        tiny_model(arch, **MOE), examples, config.with_(gradient_checkpointing=True)
+    ).fisher
+    grouped = tiny_model(arch, dtype=torch.float32, **kw)
+    assert grouped.config._experts_implementation == "grouped_mm"
+    eager = tiny_model(arch, dtype=torch.float32, **MOE)
+    fast, slow = (compute_fisher(m, examples, config).fisher for m in (grouped, eager))
+    assert set(ckpt) == set(plain) == set(fast) == set(slow)
+    for name in plain:
+        assert rel_error(ckpt[name], plain[name]) <= 1e-10, name
+        assert rel_error(fast[name], slow[name]) <= 1e-4, name
