@@ -336,38 +336,37 @@ def _family(row: str) -> str:
 
 
 def verdict(setting: str, rows: dict[str, dict[str, list[float]]]) -> list[str]:
-    """Issue 12's checks, over the seeds every compared row has: our best method vs mergekit's
-    best at defaults and vs task_arithmetic, and the searched merge vs mergekit's best (mean
-    difference, seeds ahead)."""
+    """Issue 12's checks: our best method vs mergekit's best at defaults and vs
+    task_arithmetic (rows with every seed), and the searched merge vs mergekit's best (over the
+    seeds it has): mean paired difference and seeds ahead."""
     merges = {r: c for r, c in rows.items() if r != "base" and not r.startswith("expert")}
-    seeds = max((len(c["norm"]) for c in merges.values()), default=0)
-    full = {
-        r: dict(zip(c["seed"], c["norm"])) for r, c in merges.items() if len(c["norm"]) == seeds
-    }
+    per_seed = {r: dict(zip(c["seed"], c["norm"])) for r, c in merges.items()}
+    seeds = max((len(v) for v in per_seed.values()), default=0)
+    full = [r for r, v in per_seed.items() if len(v) == seeds and ":" not in r]
 
     def best(family: str) -> str | None:
-        found = [r for r in full if _family(r) == family and ":" not in r]
-        return max(found, key=lambda r: statistics.fmean(full[r].values()), default=None)
+        found = [r for r in full if _family(r) == family]
+        return max(found, key=lambda r: statistics.fmean(per_seed[r].values()), default=None)
 
     def versus(a: str | None, b: str | None) -> str:
         if a is None or b is None:
-            return ""
-        diffs = [full[a][s] - full[b][s] for s in full[a]]
-        ahead = sum(d > 0 for d in diffs)
+            return "n/a"
+        shared = [s for s in per_seed[a] if s in per_seed[b]]
+        diffs = [per_seed[a][s] - per_seed[b][s] for s in shared]
+        mean_a = statistics.fmean(per_seed[a][s] for s in shared)
+        mean_b = statistics.fmean(per_seed[b][s] for s in shared)
         return (
-            f"{a} {statistics.fmean(full[a].values()):.3f} vs {b} "
-            f"{statistics.fmean(full[b].values()):.3f}: {statistics.fmean(diffs):+.3f} "
-            f"(ahead in {ahead}/{len(diffs)} seeds)"
+            f"{a} {mean_a:.3f} vs {b} {mean_b:.3f}: {statistics.fmean(diffs):+.3f} (ahead in "
+            f"{sum(d > 0 for d in diffs)}/{len(diffs)} seeds: {', '.join(map(str, shared))})"
         )
 
     theirs = best("mergekit")
     lines = [
-        f"- {setting}, rows with all {seeds} seeds: our best vs mergekit's best: "
-        + versus(best("ours"), theirs),
-        "- our best vs task_arithmetic: " + versus(best("ours"), "task_arithmetic"),
+        f"- {setting}: our best vs mergekit's best at defaults: {versus(best('ours'), theirs)}",
+        f"- {setting}: our best vs task_arithmetic: {versus(best('ours'), 'task_arithmetic')}",
     ]
-    if "searched" in full:
-        lines.append("- searched vs mergekit's best: " + versus("searched", theirs))
+    if "searched" in per_seed:
+        lines.append(f"- {setting}: searched vs mergekit's best: {versus('searched', theirs)}")
     return lines
 
 
@@ -378,6 +377,7 @@ def chart(found: dict[str, dict[str, dict[str, list[float]]]], path: Path) -> No
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     fig, axes = plt.subplots(1, len(found), figsize=(6 * len(found), 6), squeeze=False)
     for ax, (setting, rows) in zip(axes[0], found.items()):
@@ -392,6 +392,8 @@ def chart(found: dict[str, dict[str, dict[str, list[float]]]], path: Path) -> No
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_title(f"SmolLM2-135M-Instruct, {setting}")
         ax.set_xlabel("normalized exact match (1 = every expert kept)")
+    handles = [Patch(color=c, label=f) for f, c in colors.items()]
+    axes[0][-1].legend(handles=handles, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
