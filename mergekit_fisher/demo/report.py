@@ -174,7 +174,7 @@ def _search_lines(part: Mapping[str, Any]) -> list[str]:
         if not runs:
             continue
         records = [r for _, r in runs]
-        if "grid" not in records[0]:
+        if SPECS[row].search == "methods":
             chosen = ", ".join(f"seed {seed}: {r['best']['label']}" for seed, r in runs)
             count = len(records[0]["candidates"])
             lines.append(f"search for {row} ({count} candidates; valid loss per task): {chosen}")

@@ -224,12 +224,14 @@ def _transformers_bars(enabled: bool) -> Iterator[None]:
     """transformers' own bars (``Loading weights``) on or off, as ``--no-progress`` says."""
     from transformers.utils import logging as hf_logging
 
-    before = hf_logging.is_progress_bar_enabled()
-    (hf_logging.enable_progress_bar if enabled and before else hf_logging.disable_progress_bar)()
+    silence = not enabled and hf_logging.is_progress_bar_enabled()
+    if silence:
+        hf_logging.disable_progress_bar()
     try:
         yield
     finally:
-        (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()
+        if silence:
+            hf_logging.enable_progress_bar()
 
 
 def _load_tokenizer(ref: str, config: EstimateConfig) -> Any:
