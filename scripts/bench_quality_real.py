@@ -26,8 +26,8 @@ import argparse
 import dataclasses
 import json
 import logging
-import shutil
 import statistics
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -70,6 +70,19 @@ STORES = {
 SIZES = {"train": 480, "calib": 64, "valid": 64, "eval": 100}
 
 
+def scores_path(args: argparse.Namespace, seed: int) -> Path:
+    """One seed's scores on the split being scored: a larger eval split has its own file."""
+    size = "" if args.split != "eval" or args.eval_size == SIZES["eval"] else str(args.eval_size)
+    return args.workdir / f"seed{seed}" / f"scores-{args.split}{size}.jsonl"
+
+
+def problems(
+    args: argparse.Namespace, task: str, split: chat_tasks.Split, seed: int
+) -> list[chat_tasks.Problem]:
+    n = args.eval_size if split == "eval" else SIZES[split]
+    return chat_tasks.problems(task, split, n, seed=seed)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--workdir", type=Path, required=True, help="cache of experts, stores, scores")
@@ -85,6 +98,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="eval",
         choices=["eval", "valid"],
         help="score on held-out eval problems (the tables) or on valid (to choose defaults)",
+    )
+    p.add_argument(
+        "--eval-size",
+        type=int,
+        default=SIZES["eval"],
+        help="eval problems per task; the first 100 are the default's, so a larger split is a "
+        "superset, scored into its own file (scores-eval<N>.jsonl)",
     )
     p.add_argument("--report", action="store_true", help="only print the tables from the cache")
     p.add_argument("--chart", type=Path, help="also draw normalized EM per method (PNG)")
@@ -102,7 +122,7 @@ class Bench:
         self.root.mkdir(parents=True, exist_ok=True)
         self.base = smollm2.model_dir(args.workdir / "cache")
         self.tokenizer = AutoTokenizer.from_pretrained(self.base)
-        self.scores_file = self.root / f"scores-{args.split}.jsonl"
+        self.scores_file = scores_path(args, seed)
 
     def data(self, task: str, split: str) -> Path:
         path = self.root / "data" / f"{task}-{split}.jsonl"
@@ -176,9 +196,13 @@ class Bench:
     def searched_recipe(self, methods: str, tasks: Sequence[str]) -> dict[str, Any]:
         """``search --methods`` on each task's valid split (per-task objective): the recipe it
         picks. Every store each method may use is listed; the search chooses. Its report (every
-        candidate's per-task valid losses) is kept beside the scores."""
+        candidate's per-task valid losses) is kept beside the scores, and its pick is reused by
+        a later scoring of the same search (a larger eval split)."""
         from mergekit_fisher.search import parse_methods, report, search
 
+        record = self.root / f"search-{len(tasks)}-experts-{methods}.json"
+        if record.exists():
+            return json.loads(record.read_text())["best_recipe"]
         models = [
             {
                 "model": str(self.expert(t)),
@@ -199,7 +223,6 @@ class Bench:
             scratch=self.root,
         )
         LOG.info("seed %d search picked %s", self.seed, result.best.label())
-        record = self.root / f"search-{len(tasks)}-experts-{methods}.json"
         record.write_text(json.dumps(report(result), indent=1))
         return result.best_recipe
 
@@ -217,8 +240,7 @@ class Bench:
         tasks = SETTINGS[setting]
         result: dict[str, Any] = {"setting": setting, "row": row, "merge_seconds": seconds}
         for task in tasks:
-            split = self.args.split
-            items = chat_tasks.problems(task, split, SIZES[split], seed=self.seed)
+            items = problems(self.args, task, self.args.split, self.seed)
             s = chat_model.score(model, self.tokenizer, items, self.root)
             result[task] = {"accuracy": s.accuracy, "loss": s.loss, "n": s.n}
         with self.scores_file.open("a") as f:
@@ -251,12 +273,13 @@ class Bench:
                     if name == "searched"
                     else self.recipe(row, tasks)
                 )
-                out = self.root / "merged"
-                shutil.rmtree(out, ignore_errors=True)
-                started = time.perf_counter()
-                merge(recipe, out)
-                self.score(setting, row, out, time.perf_counter() - started)
-                shutil.rmtree(out, ignore_errors=True)
+                with tempfile.TemporaryDirectory(
+                    dir=self.root
+                ) as tmp:  # processes may share a seed
+                    out = Path(tmp) / "merged"
+                    started = time.perf_counter()
+                    merge(recipe, out)
+                    self.score(setting, row, out, time.perf_counter() - started)
 
 
 def normalized(
@@ -274,7 +297,7 @@ def collect(args: argparse.Namespace) -> dict[str, dict[str, dict[str, list[floa
     for setting in args.settings:
         tasks = SETTINGS[setting]
         for seed in args.seeds:
-            path = args.workdir / f"seed{seed}" / f"scores-{args.split}.jsonl"
+            path = scores_path(args, seed)
             if not path.exists():
                 continue
             results = {

@@ -160,7 +160,7 @@ def test_recipes_are_valid_mergekit_configs(tmp_path: Path) -> None:
         "dtype": "float32",
     }
     # The task-vector Fisher methods: a store-less base_model, each expert's full store, and
-    # the methods' own defaults (gamma 0.1, density 1.0, normalize).
+    # the methods' own defaults (gamma 1, density 1.0, normalize).
     for row in ("fisher_arithmetic", "fisher_ties"):
         config = recipe(row, base, [a, b], stores)
         assert config["base_model"] == str(base) and "parameters" not in config

@@ -82,7 +82,7 @@ def fisher_arithmetic_merge(
     group: TensorGroup,
     fisher: PerInput[str | None] = None,
     weight: PerInput[float] = 1.0,
-    gamma: Annotated[float, Field(ge=0, le=1)] = 0.1,
+    gamma: Annotated[float, Field(ge=0, le=1)] = 1.0,
     normalize: bool = True,
 ) -> torch.Tensor:
     """Fisher-arbitrated task arithmetic of one tensor group (see the module docstring)."""
