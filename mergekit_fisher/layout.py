@@ -3,7 +3,8 @@
 ``inspect`` and ``compare`` group Fisher mass by (layer, module) for any architecture, without
 loading the model: names are matched by their last components (``self_attn.q_proj.weight`` ->
 ``q``, GPT-2's ``attn.c_attn`` -> ``qkv``, Mixtral's fused ``experts.gate_up_proj`` ->
-``gate_up``). Unknown names fall into ``other``.
+``gate_up``; Qwen2-MoE's ``shared_expert_gate`` -> ``router``). Unknown names fall into
+``other``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ _BY_COMPONENT = {
     "qkv_proj": "qkv", "c_attn": "qkv", "query_key_value": "qkv", "Wqkv": "qkv",
     "gate_proj": "gate", "up_proj": "up", "down_proj": "down", "gate_up_proj": "gate_up",
     "c_fc": "up", "fc1": "up", "fc_in": "up", "w1": "gate", "w3": "up", "fc2": "down",
-    "fc_out": "down", "w2": "down", "router": "router",
+    "fc_out": "down", "w2": "down", "router": "router", "shared_expert_gate": "router",
     "embed_tokens": "embeddings", "wte": "embeddings", "wpe": "embeddings",
     "lm_head": "embeddings", "embed_in": "embeddings", "embed_out": "embeddings",
 }  # fmt: skip

@@ -1,4 +1,4 @@
-"""Mixture-of-experts (Mixtral, Qwen3-MoE): the full Fisher of routers and fused experts against
+"""Mixture-of-experts (Mixtral, Qwen3-MoE, Qwen2-MoE with its shared expert): the full Fisher of routers and fused experts against
 the naive batch-1 float64 loop, stores under mergekit's fused names, and a fisher merge."""
 
 from __future__ import annotations
@@ -21,12 +21,13 @@ MOE = dict(
     num_experts=4,
     num_experts_per_tok=2,
     moe_intermediate_size=24,
+    shared_expert_intermediate_size=20,  # Qwen2-MoE: a dense MLP on flattened token rows
     experts_implementation="eager",  # grouped_mm has no float64 kernel
 )
 RAGGED = [9, 17, 4, 12, 2, 6]
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "qwen2_moe"])
 @pytest.mark.parametrize("mode", ["empirical", "sampled"])
 def test_moe_matches_naive_float64(arch: str, mode: str) -> None:
     model = tiny_model(arch, **MOE)
@@ -45,6 +46,24 @@ def test_moe_matches_naive_float64(arch: str, mode: str) -> None:
     params = dict(model.named_parameters())
     for name in ("model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.gate.weight"):
         assert got[name].shape == params[name].shape and bool((got[name] > 0).any())
+    if arch == "qwen2_moe":  # the shared expert's rows are per token; its Fisher per example
+        assert bool((got["model.layers.1.mlp.shared_expert_gate.weight"] > 0).all())
+
+
+def test_qwen2_moe_skips_a_nonfinite_example() -> None:
+    """--skip-nonfinite zeroes one example's rows in taps on flattened token rows too (the
+    shared expert): the Fisher of the other examples, exactly."""
+    model = tiny_model("qwen2_moe", **MOE)
+    examples = random_examples(RAGGED, model.config.vocab_size, seed=3, prompt=2)
+    others = {t for i, e in enumerate(examples) if i != 1 for t in e.input_ids}
+    poison = next(t for t in examples[1].input_ids if t not in others)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[poison] = float("nan")
+    config = EstimateConfig(mode="empirical", batch_size=4, skip_nonfinite=True)
+    result = compute_fisher(model, examples, config)
+    ref = naive_fisher(model, [e for i, e in enumerate(examples) if i != 1], mode="empirical")
+    ref["model.embed_tokens.weight"][poison] = 0.0  # the poisoned row never enters
+    assert_close(result.fisher, ref, FP64_TOL)
 
 
 def test_moe_float32_grouped_mm_matches_naive() -> None:
@@ -58,7 +77,10 @@ def test_moe_float32_grouped_mm_matches_naive() -> None:
     assert_close(got, ref, FP32_TOL)
 
 
-@pytest.mark.parametrize(("arch", "mode"), [("mixtral", "empirical"), ("qwen3_moe", "sampled")])
+@pytest.mark.parametrize(
+    ("arch", "mode"),
+    [("mixtral", "empirical"), ("qwen3_moe", "sampled"), ("qwen2_moe", "empirical")],
+)
 def test_moe_nodes_match_explicit_masks(arch: str, mode: str) -> None:
     """One mask per expert neuron (only routed tokens reach it) and per head, against explicit
     mask tensors in a token-by-token float64 loop; mapped onto the fused weights exactly."""

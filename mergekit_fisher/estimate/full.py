@@ -182,10 +182,8 @@ class FullCollector:
         self, module: nn.Module, dy: torch.Tensor, x: torch.Tensor, *, transposed: bool
     ) -> None:
         """Per-example weight gradients dY^T X ([out, in]; X^T dY for a transposed weight)."""
-        b = dy.shape[0]
         dy, x = self.state.screen(dy, x)
-        dy = dy.reshape(b, -1, dy.shape[-1])
-        x = x.reshape(b, -1, x.shape[-1]).to(dy.dtype)
+        x = x.to(dy.dtype)
         wname = self.names[id(module.weight)]
         left, right = (x, dy) if transposed else (dy, x)
         self._square_into(self.accumulators[wname], left, right)
@@ -233,14 +231,13 @@ class FullCollector:
     def _embedding_backward(
         self, module: nn.Embedding, dy: torch.Tensor, ids: torch.Tensor
     ) -> None:
-        b = dy.shape[0]
         (dy,) = self.state.screen(dy)
+        b = dy.shape[0]
         wname = self.names[id(module.weight)]
         acc = self.accumulators[wname]
         scale = getattr(module, "embed_scale", None)
         stash = self._stash.pop(wname, None)
         lengths = self.state.lengths
-        dy = dy.reshape(b, -1, dy.shape[-1])
         ids = ids.reshape(b, -1)
         for i in range(b):
             n = lengths[i] if i < len(lengths) else ids.shape[1]

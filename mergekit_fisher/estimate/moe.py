@@ -33,7 +33,7 @@ from mergekit_fisher.estimate.config import EstimateError
 from mergekit_fisher.estimate.full import FullCollector, _bind
 from mergekit_fisher.estimate.taps import BatchState, tap
 
-SUPPORTED = "Mixtral, Qwen3-MoE (experts gate_up_proj [E, 2I, H], down_proj [E, H, I])"
+SUPPORTED = "Mixtral, Qwen3-MoE, Qwen2-MoE (experts gate_up_proj [E, 2I, H], down_proj [E, H, I])"
 
 
 @dataclass(frozen=True)
@@ -167,7 +167,7 @@ class MoeFullCollector(FullCollector):
     # ----------------------------------------------------------------- backward callbacks
     def _router_backward(self, block: MoeBlock, dscores: torch.Tensor, x: torch.Tensor) -> None:
         """Per example: grad of <dscores_b, scores(x_b)>, FullCollector's vmap(grad) recompute."""
-        self._generic_backward(self._scores[id(block.router)], *_batched(self.state, dscores, x))
+        self._generic_backward(self._scores[id(block.router)], dscores, x)  # screened per example
 
     def _experts_backward(
         self,
@@ -205,11 +205,6 @@ def tap_experts(
     return tap(output, state, callback, *args)
 
 
-def _batched(state: BatchState, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """[B*T, .] token rows (how MoE layers see the batch) as [B, T, .]."""
-    return tuple(t.reshape(state.batch_size, -1, t.shape[-1]) for t in flat)
-
-
 def routed_rows(
     state: BatchState,
     dy: torch.Tensor,
@@ -219,7 +214,7 @@ def routed_rows(
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per hit expert e: its token rows (flat, [B*T]), their inputs, and the output gradient
     times the routing weight, ``w dy`` (screened like every other tap)."""
-    dy, x = state.screen(*_batched(state, dy, x))
+    dy, x = state.screen(dy, x)
     dy, x = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
     for e in torch.unique(index).tolist():
         tok, slot = torch.where(index == e)

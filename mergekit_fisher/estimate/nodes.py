@@ -52,7 +52,7 @@ from mergekit_fisher.estimate.moe import (
 )
 from mergekit_fisher.estimate.taps import BatchState, tap
 
-SUPPORTED = "Llama, Mistral, Qwen2/Qwen3, Gemma 2/3, Phi-3, Starcoder2, GPT-2, Mixtral, Qwen3-MoE"
+SUPPORTED = "Llama, Mistral, Qwen2/Qwen3, Gemma 2/3, Phi-3, Starcoder2, GPT-2, Mixtral, Qwen3-MoE, Qwen2-MoE"
 _MOE_HINT = "use --granularity full or --statistic gram"
 
 # Known layouts: the projections whose output rows hold segments ("q", "k", "v" heads, "n"
@@ -268,10 +268,10 @@ class NodeCollector:
 
     def _backward(self, site: tuple[NodeLayer, str], dx: torch.Tensor, x: torch.Tensor) -> None:
         layer, kind = site
-        b = dx.shape[0]
         dx, x = self.state.screen(dx, x)
+        b = dx.shape[0]
         acc = self.accumulators[f"{layer.prefix}.{kind}"]
-        s = (dx.to(acc.dtype) * x.to(acc.dtype)).reshape(b, -1, dx.shape[-1]).sum(1)  # [B, width]
+        s = (dx.to(acc.dtype) * x.to(acc.dtype)).sum(1)  # [B, width]
         s = s.to(acc.device)
         if kind == "neurons":
             acc.add_(s.square().sum(0))

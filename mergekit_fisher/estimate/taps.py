@@ -73,8 +73,16 @@ class BatchState:
             self.anchors[device] = torch.zeros((), device=device, requires_grad=True)
         return self.anchors[device]
 
+    def per_example(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each tensor as [B, rows, features]: layers that run on flattened token rows [B*T, .]
+        (MoE blocks, Qwen2-MoE's shared expert) see the batch that way."""
+        b = self.batch_size
+        return tuple(t.reshape(b, -1, t.shape[-1]) for t in tensors)
+
     def screen(self, grad: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Record (default) or zero (skip mode) the rows of examples with non-finite values."""
+        """Record (default) or zero (skip mode) the rows of examples with non-finite values;
+        returns the tensors per example ([B, rows, features])."""
+        grad, *others = self.per_example(grad, *others)
         b = grad.shape[0]
         signal = grad.reshape(b, -1).sum(1, dtype=torch.float32)
         if not self.skip:
