@@ -315,6 +315,7 @@ def collect(args: argparse.Namespace) -> dict[str, dict[str, dict[str, list[floa
                 cell.setdefault("loss", []).append(
                     statistics.fmean(result[t]["loss"] for t in tasks)
                 )
+                cell.setdefault("problems", []).append(min(result[t]["n"] for t in tasks))
                 for t in tasks:
                     cell.setdefault(t, []).append(result[t]["accuracy"])
     return found
@@ -332,8 +333,9 @@ def report(found: dict[str, dict[str, dict[str, list[float]]]]) -> str:
     for setting, rows in found.items():
         tasks = SETTINGS[setting]
         seeds = max(len(cell["norm"]) for cell in rows.values())
+        problems = min(min(cell["problems"]) for cell in rows.values())
         lines += [
-            f"\n### {setting} ({', '.join(tasks)}; {seeds} seed(s))\n",
+            f"\n### {setting} ({', '.join(tasks)}; {seeds} seed(s); {problems} problems a task)\n",
             "| model | "
             + " | ".join(f"EM {t}" for t in tasks)
             + " | answer loss | norm EM | seeds |",
@@ -394,8 +396,9 @@ def verdict(setting: str, rows: dict[str, dict[str, list[float]]]) -> list[str]:
 
 
 def chart(found: dict[str, dict[str, dict[str, list[float]]]], path: Path) -> None:
-    """Horizontal bars of normalized EM per merge row (± std over seeds), one panel per
-    setting: ours orange, mergekit's grey, ``searched`` blue."""
+    """Horizontal bars of normalized EM per merge row at its defaults (± std over seeds), one
+    panel per setting: ours orange, mergekit's grey, ``searched`` blue. Parameter variants
+    (``row:k=v``) stay in the tables."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -404,7 +407,7 @@ def chart(found: dict[str, dict[str, dict[str, list[float]]]], path: Path) -> No
 
     fig, axes = plt.subplots(1, len(found), figsize=(6 * len(found), 6), squeeze=False)
     for ax, (setting, rows) in zip(axes[0], found.items()):
-        merges = [r for r in rows if r != "base" and not r.startswith("expert")]
+        merges = [r for r in rows if r != "base" and not r.startswith("expert") and ":" not in r]
         merges.sort(key=lambda r: statistics.fmean(rows[r]["norm"]))
         means = [statistics.fmean(rows[r]["norm"]) for r in merges]
         spread = [
