@@ -273,9 +273,8 @@ class Bench:
                     if name == "searched"
                     else self.recipe(row, tasks)
                 )
-                with tempfile.TemporaryDirectory(
-                    dir=self.root
-                ) as tmp:  # processes may share a seed
+                # a merge directory of its own: two processes may work on one seed
+                with tempfile.TemporaryDirectory(dir=self.root) as tmp:
                     out = Path(tmp) / "merged"
                     started = time.perf_counter()
                     merge(recipe, out)
