@@ -44,7 +44,7 @@ def module_of(name: str) -> str:
     for part in reversed(parts[:-1] if len(parts) > 1 else parts):
         if part == "c_proj":  # GPT-2 / Starcoder2: the attention output or the MLP output
             return "o" if "attn" in name else "down"
-        if part == "gate":  # an MoE router (Mixtral's, Qwen3-MoE's mlp.gate)
+        if part == "gate":  # an MoE router (Mixtral's, Qwen3-MoE's, OLMoE's mlp.gate)
             return "router"
         if part in _BY_COMPONENT:
             return _BY_COMPONENT[part]

@@ -1,4 +1,4 @@
-"""Mixture-of-experts (Mixtral, Qwen3-MoE, Qwen2-MoE with its shared expert): the full Fisher of routers and fused experts against
+"""Mixture-of-experts (Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE with its shared expert): the full Fisher of routers and fused experts against
 the naive batch-1 float64 loop, stores under mergekit's fused names, and a fisher merge."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ MOE = dict(
 RAGGED = [9, 17, 4, 12, 2, 6]
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "qwen2_moe"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe"])
 @pytest.mark.parametrize("mode", ["empirical", "sampled"])
 def test_moe_matches_naive_float64(arch: str, mode: str) -> None:
     model = tiny_model(arch, **MOE)
@@ -79,7 +79,12 @@ def test_moe_float32_grouped_mm_matches_naive() -> None:
 
 @pytest.mark.parametrize(
     ("arch", "mode"),
-    [("mixtral", "empirical"), ("qwen3_moe", "sampled"), ("qwen2_moe", "empirical")],
+    [
+        ("mixtral", "empirical"),
+        ("qwen3_moe", "sampled"),
+        ("qwen2_moe", "empirical"),
+        ("olmoe", "sampled"),
+    ],
 )
 def test_moe_nodes_match_explicit_masks(arch: str, mode: str) -> None:
     """One mask per expert neuron (only routed tokens reach it) and per head, against explicit

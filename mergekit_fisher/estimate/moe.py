@@ -33,7 +33,9 @@ from mergekit_fisher.estimate.config import EstimateError
 from mergekit_fisher.estimate.full import FullCollector, _bind
 from mergekit_fisher.estimate.taps import BatchState, tap
 
-SUPPORTED = "Mixtral, Qwen3-MoE, Qwen2-MoE (experts gate_up_proj [E, 2I, H], down_proj [E, H, I])"
+SUPPORTED = (
+    "Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE (experts gate_up_proj [E, 2I, H], down_proj [E, H, I])"
+)
 
 
 @dataclass(frozen=True)

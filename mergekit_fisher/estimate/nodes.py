@@ -22,10 +22,10 @@ Fused layouts map through the fused weights' row segments: Phi-3's ``qkv_proj`` 
 v heads and ``gate_up_proj`` rows gate | up neurons; Starcoder2's MLP is ``c_fc`` / ``c_proj``;
 GPT-2's ``Conv1D`` weights are [in, out], so its values lie along the other axis.
 
-Sparse MoE layers (Mixtral, Qwen3-MoE; fused ``experts.gate_up_proj`` [E, 2I, H] and
-``experts.down_proj`` [E, H, I]): one mask per expert neuron on that expert's gated activation,
-so only the tokens routed to expert e contribute to its values, sum_r a_r[i] (W_e^T w dy_t)[i]
-per example. They map onto ``gate_up_proj`` rows ([E, 2I, 1]: gate and up rows of a neuron) and
+Sparse MoE layers (Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE; fused ``experts.gate_up_proj``
+[E, 2I, H] and ``experts.down_proj`` [E, H, I]): one mask per expert neuron on that expert's
+gated activation, so only the tokens routed to expert e contribute to its values,
+sum_r a_r[i] (W_e^T w dy_t)[i] per example (Qwen2-MoE's shared expert has no masks: averaged). They map onto ``gate_up_proj`` rows ([E, 2I, 1]: gate and up rows of a neuron) and
 ``down_proj`` columns ([E, 1, I]).
 
 Embeddings, norms, routers and lm_head are not covered: the store says ``uncovered: average``.
@@ -52,7 +52,7 @@ from mergekit_fisher.estimate.moe import (
 )
 from mergekit_fisher.estimate.taps import BatchState, tap
 
-SUPPORTED = "Llama, Mistral, Qwen2/Qwen3, Gemma 2/3, Phi-3, Starcoder2, GPT-2, Mixtral, Qwen3-MoE, Qwen2-MoE"
+SUPPORTED = "Llama, Mistral, Qwen2/Qwen3, Gemma 2/3, Phi-3, Starcoder2, GPT-2, Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE"
 _MOE_HINT = "use --granularity full or --statistic gram"
 
 # Known layouts: the projections whose output rows hold segments ("q", "k", "v" heads, "n"

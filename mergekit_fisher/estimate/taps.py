@@ -27,7 +27,7 @@ class _Tap(torch.autograd.Function):
     def forward(ctx: Any, y: torch.Tensor, anchor: torch.Tensor, callback: Callback, *saved: Any):  # type: ignore[override]
         ctx.callback = callback
         ctx.save_for_backward(*saved)
-        return y.view_as(y)
+        return y.detach()
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):  # type: ignore[override]
