@@ -80,10 +80,16 @@ def naive_node_fisher(
     for i, layer in enumerate(layers):
         prefix = f"transformer.h.{i}" if gpt2 else f"model.layers.{i}"
         attn = layer.attn if gpt2 else layer.self_attn
-        o = attn.c_proj if gpt2 else attn.o_proj
+        o = attn.c_proj if gpt2 else getattr(attn, "o_proj", None) or attn.dense  # Phi-1/2
         experts = getattr(layer.mlp, "experts", None)
-        down = getattr(layer.mlp, "c_proj" if gpt2 else "down_proj", None) or getattr(
-            layer.mlp, "c_proj", None
+        down = (
+            next(
+                getattr(layer.mlp, n)
+                for n in ("c_proj" if gpt2 else "down_proj", "c_proj", "fc2")
+                if getattr(layer.mlp, n, None) is not None
+            )
+            if experts is None
+            else None
         )
         d = (attn.c_proj.weight.shape[0] if gpt2 else o.in_features) // heads
         kv = getattr(config, "num_key_value_heads", None) or heads

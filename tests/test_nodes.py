@@ -37,6 +37,8 @@ def tiny_model(arch: str = "llama", dtype: torch.dtype = torch.float64, **kw):  
         ("phi3", "sampled", 2),  # fused qkv_proj and gate_up_proj
         ("starcoder2", "empirical", 2),  # MLP c_fc / c_proj, biases
         ("gpt2", "empirical", 4),  # Conv1D c_attn / c_proj ([in, out] weights)
+        ("phi", "sampled", 2),  # Phi-1/2: attention output `dense`, MLP fc1 / fc2
+        ("apertus", "empirical", 2),  # MLP up_proj / down_proj, no gate
     ],
 )
 def test_node_values_match_explicit_masks(arch: str, mode: str, kv: int) -> None:

@@ -52,7 +52,10 @@ from mergekit_fisher.estimate.moe import (
 )
 from mergekit_fisher.estimate.taps import BatchState, tap
 
-SUPPORTED = "Llama, Mistral, Qwen2/Qwen3, Gemma 2/3, Phi-3, Starcoder2, GPT-2, Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE"
+SUPPORTED = (
+    "Llama, Mistral, Qwen2/Qwen3, Gemma 2/3, Phi-1/2/3, Starcoder2, GPT-2, Apertus, Mixtral, "
+    "Qwen3-MoE, Qwen2-MoE, OLMoE"
+)
 _MOE_HINT = "use --granularity full or --statistic gram"
 
 # Known layouts: the projections whose output rows hold segments ("q", "k", "v" heads, "n"
@@ -61,11 +64,14 @@ _ATTN_LAYOUTS: tuple[tuple[dict[str, tuple[str, ...]], str], ...] = (
     ({"q_proj": ("q",), "k_proj": ("k",), "v_proj": ("v",)}, "o_proj"),
     ({"qkv_proj": ("q", "k", "v")}, "o_proj"),  # Phi-3
     ({"c_attn": ("q", "k", "v")}, "c_proj"),  # GPT-2 (Conv1D)
+    ({"q_proj": ("q",), "k_proj": ("k",), "v_proj": ("v",)}, "dense"),  # Phi-1/2
 )
 _MLP_LAYOUTS: tuple[tuple[dict[str, tuple[str, ...]], str], ...] = (
     ({"gate_proj": ("n",), "up_proj": ("n",)}, "down_proj"),
     ({"gate_up_proj": ("n", "n")}, "down_proj"),  # Phi-3: gate rows, then up rows
     ({"c_fc": ("n",)}, "c_proj"),  # Starcoder2, GPT-2
+    ({"fc1": ("n",)}, "fc2"),  # Phi-1/2
+    ({"up_proj": ("n",)}, "down_proj"),  # Apertus: no gate
 )
 
 
