@@ -25,8 +25,9 @@ GPT-2's ``Conv1D`` weights are [in, out], so its values lie along the other axis
 Sparse MoE layers (Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE; fused ``experts.gate_up_proj``
 [E, 2I, H] and ``experts.down_proj`` [E, H, I]): one mask per expert neuron on that expert's
 gated activation, so only the tokens routed to expert e contribute to its values,
-sum_r a_r[i] (W_e^T w dy_t)[i] per example (Qwen2-MoE's shared expert has no masks: averaged). They map onto ``gate_up_proj`` rows ([E, 2I, 1]: gate and up rows of a neuron) and
-``down_proj`` columns ([E, 1, I]).
+sum_r a_r[i] (W_e^T w dy_t)[i] per example. They map onto ``gate_up_proj`` rows ([E, 2I, 1]:
+gate and up rows of a neuron) and ``down_proj`` columns ([E, 1, I]). Qwen2-MoE's shared expert
+has no masks: it is averaged.
 
 Embeddings, norms, routers and lm_head are not covered: the store says ``uncovered: average``.
 """

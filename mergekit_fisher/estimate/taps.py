@@ -27,6 +27,8 @@ class _Tap(torch.autograd.Function):
     def forward(ctx: Any, y: torch.Tensor, anchor: torch.Tensor, callback: Callback, *saved: Any):  # type: ignore[override]
         ctx.callback = callback
         ctx.save_for_backward(*saved)
+        # an alias, not a view: a model may add into a tapped output in place (Falcon); it
+        # shares y's version counter, so autograd still catches an in-place change to a saved X
         return y.detach()
 
     @staticmethod
