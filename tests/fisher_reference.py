@@ -82,15 +82,8 @@ def naive_node_fisher(
         attn = layer.attn if gpt2 else layer.self_attn
         o = attn.c_proj if gpt2 else getattr(attn, "o_proj", None) or attn.dense  # Phi-1/2
         experts = getattr(layer.mlp, "experts", None)
-        down = (
-            next(
-                getattr(layer.mlp, n)
-                for n in ("c_proj" if gpt2 else "down_proj", "c_proj", "fc2")
-                if getattr(layer.mlp, n, None) is not None
-            )
-            if experts is None
-            else None
-        )
+        sites = (getattr(layer.mlp, n, None) for n in ("down_proj", "c_proj", "fc2"))
+        down = None if experts is not None else next(m for m in sites if m is not None)
         d = (attn.c_proj.weight.shape[0] if gpt2 else o.in_features) // heads
         kv = getattr(config, "num_key_value_heads", None) or heads
         if experts is not None:
