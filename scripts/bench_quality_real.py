@@ -79,6 +79,7 @@ def scores_path(args: argparse.Namespace, seed: int) -> Path:
 def problems(
     args: argparse.Namespace, task: str, split: chat_tasks.Split, seed: int
 ) -> list[chat_tasks.Problem]:
+    """A split's problems of ``task``: ``--eval-size`` of them for eval, else the fixed size."""
     n = args.eval_size if split == "eval" else SIZES[split]
     return chat_tasks.problems(task, split, n, seed=seed)
 
@@ -332,9 +333,9 @@ def report(found: dict[str, dict[str, dict[str, list[float]]]]) -> str:
     for setting, rows in found.items():
         tasks = SETTINGS[setting]
         seeds = max(len(cell["norm"]) for cell in rows.values())
-        problems = min(min(cell["problems"]) for cell in rows.values())
+        per_task = min(min(cell["problems"]) for cell in rows.values())
         lines += [
-            f"\n### {setting} ({', '.join(tasks)}; {seeds} seed(s); {problems} problems a task)\n",
+            f"\n### {setting} ({', '.join(tasks)}; {seeds} seed(s); {per_task} problems a task)\n",
             "| model | "
             + " | ".join(f"EM {t}" for t in tasks)
             + " | answer loss | norm EM | seeds |",

@@ -1,5 +1,6 @@
-"""Mixture-of-experts (Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE with its shared expert): the full Fisher of routers and fused experts against
-the naive batch-1 float64 loop, stores under mergekit's fused names, and a fisher merge."""
+"""Mixture-of-experts (Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE with its shared expert): the full
+Fisher of routers and fused experts against the naive batch-1 float64 loop, stores under
+mergekit's fused names, and a fisher merge."""
 
 from __future__ import annotations
 
