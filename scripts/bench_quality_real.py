@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from mergekit_fisher.demo import chat_model, chat_tasks, smollm2
 
@@ -72,16 +73,21 @@ SIZES = {"train": 480, "calib": 64, "valid": 64, "eval": 100}
 
 def scores_path(args: argparse.Namespace, seed: int) -> Path:
     """One seed's scores on the split being scored: a larger eval split has its own file."""
-    size = "" if args.split != "eval" or args.eval_size == SIZES["eval"] else str(args.eval_size)
+    n = split_size(args, args.split)
+    size = "" if n == SIZES[args.split] else str(n)
     return args.workdir / f"seed{seed}" / f"scores-{args.split}{size}.jsonl"
+
+
+def split_size(args: argparse.Namespace, split: str) -> int:
+    """Problems a task scored on ``split``: ``--eval-size``/``--valid-size``, else the fixed size."""
+    return int(getattr(args, f"{split}_size", SIZES[split]))
 
 
 def problems(
     args: argparse.Namespace, task: str, split: chat_tasks.Split, seed: int
 ) -> list[chat_tasks.Problem]:
-    """A split's problems of ``task``: ``--eval-size`` of them for eval, else the fixed size."""
-    n = args.eval_size if split == "eval" else SIZES[split]
-    return chat_tasks.problems(task, split, n, seed=seed)
+    """A split's problems of ``task``, as many as ``split_size`` says."""
+    return chat_tasks.problems(task, split, split_size(args, split), seed=seed)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -106,6 +112,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=SIZES["eval"],
         help="eval problems per task; the first 100 are the default's, so a larger split is a "
         "superset, scored into its own file (scores-eval<N>.jsonl)",
+    )
+    p.add_argument(
+        "--valid-size",
+        type=int,
+        default=SIZES["valid"],
+        help="valid problems per task scored with --split valid (a superset of the 64 that "
+        "search and the stores' checks use), into scores-valid<N>.jsonl; to choose defaults",
     )
     p.add_argument("--report", action="store_true", help="only print the tables from the cache")
     p.add_argument("--chart", type=Path, help="also draw normalized EM per method (PNG)")
@@ -175,7 +188,7 @@ class Bench:
         """A row is a method name (``_nodes``: node stores), optionally with shared parameters:
         ``fisher_arithmetic:gamma=0.2``."""
         row, _, extra = row.partition(":")
-        shared = {k: float(v) for k, v in (kv.split("=") for kv in extra.split(",") if kv)}
+        shared = {k: yaml.safe_load(v) for k, v in (kv.split("=") for kv in extra.split(",") if kv)}
         experts = [str(self.expert(t)) for t in tasks]
         method = row.removesuffix("_nodes")
         key = "gram" if method == "regmean" else "fisher"
