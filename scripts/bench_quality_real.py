@@ -393,9 +393,10 @@ def verdict(setting: str, rows: dict[str, dict[str, list[float]]]) -> list[str]:
         diffs = [per_seed[a][s] - per_seed[b][s] for s in shared]
         mean_a = statistics.fmean(per_seed[a][s] for s in shared)
         mean_b = statistics.fmean(per_seed[b][s] for s in shared)
+        ahead = [str(s) for s, d in zip(shared, diffs) if d > 0]
         return (
             f"{a} {mean_a:.3f} vs {b} {mean_b:.3f}: {statistics.fmean(diffs):+.3f} (ahead in "
-            f"{sum(d > 0 for d in diffs)}/{len(diffs)} seeds: {', '.join(map(str, shared))})"
+            f"{len(ahead)}/{len(diffs)} seeds: {', '.join(ahead) or 'none'})"
         )
 
     theirs = best("mergekit")

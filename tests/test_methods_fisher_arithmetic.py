@@ -174,7 +174,12 @@ def test_base_needs_no_store_but_experts_do(tmp_path: Path, family) -> None:  # 
 
 
 def ties_reference(
-    base: Path, experts: list[Path], stores: list[Path], weights: list[float], density: float
+    base: Path,
+    experts: list[Path],
+    stores: list[Path],
+    weights: list[float],
+    density: float,
+    normalize: bool,
 ) -> dict[str, torch.Tensor]:
     """Fisher-TIES written out per element in float64: importance F tau^2 trimmed to the top
     ``density`` share (by sorting), the sign of the Fisher-weighted pull, agreeing ones summed."""
@@ -190,7 +195,10 @@ def ties_reference(
     out = {}
     for name, b in theta_b.items():
         taus = [t[name] - b for t in thetas]
-        fs = [f[name].double().expand_as(b) / n for f, n in zip(fishers, norms)]
+        fs = [
+            f[name].double().expand_as(b) / (n if normalize else 1.0)
+            for f, n in zip(fishers, norms)
+        ]
         keeps = []
         for f, tau in zip(fs, taus):
             importance = (f * tau**2).reshape(-1)
@@ -209,20 +217,25 @@ def ties_reference(
     return out
 
 
-@pytest.mark.parametrize("density", [1.0, 0.4])
-@pytest.mark.parametrize("count", [2, 3])
+@pytest.mark.parametrize(
+    ("count", "density", "normalize"),
+    [(2, 1.0, None), (3, 1.0, None), (2, 0.4, None), (3, 0.4, True), (2, 1.0, True)],
+)
 def test_fisher_ties_matches_dense_reference(
-    tmp_path: Path, family, count: int, density: float
+    tmp_path: Path, family, count: int, density: float, normalize: bool | None
 ) -> None:  # type: ignore[no-untyped-def]
+    """``normalize: None`` leaves it out of the recipe: the default is the unscaled Fisher."""
     base, experts = family[0], family[1][:count]
     stores = _stores(experts, tmp_path, zero_fraction=0.0)
     weights = [1.0, 0.5, 2.0][:count]
     config = recipe(base, experts, stores, weights=weights)
     config["merge_method"] = "fisher_ties"
+    if normalize is not None:
+        config["parameters"] = {"normalize": normalize}
     for model in config["models"]:
         model["parameters"]["density"] = density
     merged = run_recipe(config, tmp_path / "o")
-    expected = ties_reference(base, experts, stores, weights, density)
+    expected = ties_reference(base, experts, stores, weights, density, bool(normalize))
     changed = 0
     for name, value in expected.items():
         torch.testing.assert_close(merged[name].double(), value, rtol=1e-5, atol=1e-6)
@@ -232,3 +245,5 @@ def test_fisher_ties_matches_dense_reference(
         )
         changed += int(not torch.allclose(value, ta))
     assert changed > 0  # collisions were resolved somewhere: not task arithmetic
+    other = ties_reference(base, experts, stores, weights, density, not normalize)
+    assert any(not torch.allclose(merged[n].double(), v) for n, v in other.items())

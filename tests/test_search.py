@@ -148,7 +148,7 @@ def test_methods_build_each_methods_own_recipe(caplog: pytest.LogCaptureFixture)
         "della": 2,
         "fisher": 1,
         "fisher_arithmetic": 4,
-        "fisher_ties": 2,
+        "fisher_ties": 3,
         "regmean": 1,
     }
     for method, recipes in by_method.items():
@@ -173,6 +173,11 @@ def test_methods_build_each_methods_own_recipe(caplog: pytest.LogCaptureFixture)
     ]
     assert {r["models"][0]["parameters"]["density"] for r in by_method["ties"]} == {0.5, 0.7}
     assert {r["models"][1]["parameters"]["density"] for r in by_method["fisher_ties"]} == {1.0, 0.7}
+    assert [r.get("parameters", {}).get("normalize") for r in by_method["fisher_ties"]] == [
+        None,
+        None,
+        True,
+    ]
     assert "parameters" not in by_method["linear"][0]  # the input's shared values are dropped
 
     no_gram = {**ALL_INPUTS, "models": [{"model": "e1", "parameters": {"fisher": "f1"}}]}

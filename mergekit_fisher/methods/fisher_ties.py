@@ -1,7 +1,7 @@
 """``fisher_ties``: TIES with Fisher importance in place of magnitude, summing what survives.
 
 With base theta_b, experts theta_m = theta_b + tau_m, recipe weights w_m and Fisher F_m of
-expert m on its own task (divided by the store's global L2 norm when ``normalize``)::
+expert m on its own task (divided by the store's global L2 norm only when ``normalize``)::
 
     keep_m  = the top ``density_m`` share of the tensor's elements by importance F_m tau_m^2
     s       = sign(sum_m w_m keep_m F_m tau_m)          (the sign a Fisher merge would give)
@@ -12,7 +12,9 @@ is the importance TIES approximates with |tau_m|. Where the kept task vectors di
 the side with the larger Fisher-weighted pull wins and the other gives way; everywhere else each
 kept task vector stays whole (summed, as ``task_arithmetic`` and ``dare_ties`` do, not averaged
 as ``ties`` does). With the default ``density: 1`` nothing is trimmed: task arithmetic except
-where task vectors collide. Derivation and measurements: docs/merging.md#fisher_ties.
+where task vectors collide. The Fisher is not normalized by default: unscaled, F_m tau_m^2 is
+expert m's own loss change, comparable between experts, while each store's norm mostly says how
+sure its expert is. Derivation and measurements: docs/merging.md#fisher_ties.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def fisher_ties_merge(
     fisher: PerInput[str | None] = None,
     weight: PerInput[float] = 1.0,
     density: PerInput[Annotated[float, Field(gt=0, le=1)]] = 1.0,
-    normalize: bool = True,
+    normalize: bool = False,
 ) -> torch.Tensor:
     """Fisher-TIES of one tensor group (see the module docstring). Whole tensors, as mergekit's
     own ``ties`` merges them: trimming needs each tensor's importance quantile."""

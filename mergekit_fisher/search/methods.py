@@ -52,8 +52,12 @@ METHOD_GRIDS: dict[str, MethodGrid] = {
     "fisher_arithmetic": MethodGrid(
         "fisher", True, _points("gamma", (0.0, 0.1, 0.3, 1.0), per_model=False, weight=1.0)
     ),
+    # normalize: true as well: the unscaled default lets a nearly certain expert lose every collision
     "fisher_ties": MethodGrid(
-        "fisher", True, _points("density", (1.0, 0.7), per_model=True, weight=1.0)
+        "fisher",
+        True,
+        _points("density", (1.0, 0.7), per_model=True, weight=1.0)
+        + _points("normalize", (True,), per_model=False, weight=1.0, density=1.0),
     ),
     "regmean": MethodGrid(store="gram", needs_base=False),
 }
