@@ -72,7 +72,7 @@ SIZES = {"train": 480, "calib": 64, "valid": 64, "eval": 100}
 
 
 def scores_path(args: argparse.Namespace, seed: int) -> Path:
-    """One seed's scores on the split being scored: a larger eval split has its own file."""
+    """One seed's scores on the split being scored; a split of another size has its own file."""
     n = split_size(args, args.split)
     size = "" if n == SIZES[args.split] else str(n)
     return args.workdir / f"seed{seed}" / f"scores-{args.split}{size}.jsonl"
@@ -185,8 +185,8 @@ class Bench:
         return out
 
     def recipe(self, row: str, tasks: Sequence[str]) -> dict[str, Any]:
-        """A row is a method name (``_nodes``: node stores), optionally with shared parameters:
-        ``fisher_arithmetic:gamma=0.2``."""
+        """A row is a method name (``_nodes``: node stores), optionally with shared parameters,
+        each value read as YAML: ``fisher_arithmetic:gamma=0.2``, ``fisher_ties:normalize=true``."""
         row, _, extra = row.partition(":")
         shared = {k: yaml.safe_load(v) for k, v in (kv.split("=") for kv in extra.split(",") if kv)}
         experts = [str(self.expert(t)) for t in tasks]
