@@ -387,7 +387,7 @@ def verdict(setting: str, rows: dict[str, dict[str, list[float]]]) -> list[str]:
         return max(found, key=lambda r: statistics.fmean(per_seed[r].values()), default=None)
 
     def versus(a: str | None, b: str | None) -> str:
-        if a is None or b is None:
+        if a not in per_seed or b not in per_seed:  # a row this cache does not hold
             return "n/a"
         shared = [s for s in per_seed[a] if s in per_seed[b]]
         diffs = [per_seed[a][s] - per_seed[b][s] for s in shared]
