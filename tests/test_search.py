@@ -142,7 +142,7 @@ def test_methods_build_each_methods_own_recipe(caplog: pytest.LogCaptureFixture)
     assert {m: len(r) for m, r in by_method.items()} == {
         "linear": 1,
         "karcher": 1,
-        "task_arithmetic": 3,
+        "task_arithmetic": 6,
         "ties": 2,
         "dare_ties": 2,
         "della": 2,
@@ -167,9 +167,12 @@ def test_methods_build_each_methods_own_recipe(caplog: pytest.LogCaptureFixture)
     assert by_method["fisher"][0]["models"][0]["parameters"] == {"weight": 1.0, "fisher": "f1"}
     assert [r["parameters"]["gamma"] for r in by_method["fisher_arithmetic"]] == [0, 0.1, 0.3, 1]
     assert [r["models"][1]["parameters"]["weight"] for r in by_method["task_arithmetic"]] == [
+        0.25,
         0.5,
         0.75,
         1.0,
+        1.25,
+        1.5,
     ]
     assert {r["models"][0]["parameters"]["density"] for r in by_method["ties"]} == {0.5, 0.7}
     assert {r["models"][1]["parameters"]["density"] for r in by_method["fisher_ties"]} == {1.0, 0.7}
@@ -256,7 +259,7 @@ def test_search_cli_methods_writes_the_argmin_and_a_report(
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "report.json").read_text())
     rows = report["candidates"]
-    assert [r["method"] for r in rows] == ["linear"] + ["task_arithmetic"] * 3 + [
+    assert [r["method"] for r in rows] == ["linear"] + ["task_arithmetic"] * 6 + [
         "fisher_arithmetic"
     ] * 4
     assert report["objective"] == "tasks" and set(report["sources"]) == {str(s) for s in sources}

@@ -44,7 +44,10 @@ TRIMMED = _points("density", (0.5, 0.7), per_model=True, weight=1.0)
 METHOD_GRIDS: dict[str, MethodGrid] = {
     "linear": MethodGrid(store=None, needs_base=False),
     "karcher": MethodGrid(store=None, needs_base=False, points=(((), ()),)),
-    "task_arithmetic": MethodGrid(None, True, _points("weight", (0.5, 0.75, 1.0), per_model=True)),
+    # past both ends of the old 0.5-1: its optimum lay below 0.5 (4 real experts) and above 1 (2)
+    "task_arithmetic": MethodGrid(
+        None, True, _points("weight", (0.25, 0.5, 0.75, 1.0, 1.25, 1.5), per_model=True)
+    ),
     "ties": MethodGrid(store=None, needs_base=True, points=TRIMMED),
     "dare_ties": MethodGrid(store=None, needs_base=True, points=TRIMMED),
     "della": MethodGrid(store=None, needs_base=True, points=TRIMMED),
