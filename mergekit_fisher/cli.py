@@ -335,7 +335,7 @@ def compare_command(store_a: str, store_b: str, top: float, plot: str | None) ->
 )
 @click.option("-v", "--verbose", count=True, help="More logging (-vv: debug).")
 def demo_command(out: str, seeds: int, regime: str, keep_models: bool, verbose: int) -> None:
-    """Which merge wins, and when? Offline, on CPU, in about 4 minutes on 2 idle cores.
+    """Which merge wins, and when? Offline, on CPU, in about 5 minutes on 2 idle cores.
 
     Trains a tiny Llama base and, per regime, two experts on two synthetic tasks (2-digit
     addition, reversing letters); estimates Fisher, base-Fisher and Gram stores; merges through
