@@ -1,8 +1,9 @@
-"""The example recipes under ``recipes/``: valid mergekit configurations of our methods."""
+"""The example recipes under ``recipes/``: valid mergekit configurations that pass our pre-flight."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -15,17 +16,24 @@ def test_there_are_recipes() -> None:
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
-def test_recipe_is_valid_and_names_only_accepted_parameters(path: Path) -> None:
+def test_recipe_passes_the_preflight(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real pre-flight (unknown parameters, weights, a store for every input), with the
+    stores' opening replaced: the recipes name placeholder models and stores."""
     from mergekit.config import MergeConfiguration
 
-    from mergekit_fisher.methods import RECIPE_METHODS, STORELESS_BASE
+    from mergekit_fisher import preflight
 
+    opened: list[tuple[str, str | None]] = []
+
+    def open_model_store(model: str, ref: str | None, statistic: str) -> SimpleNamespace:
+        opened.append((model, ref))
+        return SimpleNamespace(path=Path(str(ref)))
+
+    monkeypatch.setattr(preflight, "open_model_store", open_model_store)
     config = MergeConfiguration.model_validate(yaml.safe_load(path.read_text()))
-    accepted, store = RECIPE_METHODS[config.merge_method]
-    blocks = [config.parameters or {}] + [m.parameters or {} for m in config.models or []]
-    for params in blocks:
-        assert set(params) <= set(accepted), (path.name, set(params) - set(accepted))
-    experts = [m for m in config.models or [] if m.model != config.base_model]
-    assert experts and all(store in (m.parameters or {}) for m in experts)
-    if config.merge_method in STORELESS_BASE:
+    assert preflight.check_recipe(config)  # one of our methods, so every input was served
+    experts = {m.model.model.path for m in config.models or []}
+    assert experts <= {model for model, _ in opened}
+    assert all(ref for _, ref in opened), opened  # no input without its store
+    if config.merge_method in preflight.STORELESS_BASE:  # task vectors need their origin
         assert config.base_model is not None
