@@ -96,11 +96,13 @@ def merge_command(args: tuple[str, ...]) -> None:
 )
 @click.option(
     "--objective",
-    type=click.Choice(["tasks", "tokens"]),
+    type=click.Choice(["tasks", "tokens", "exact"]),
     default="tasks",
     show_default=True,
     help="tasks: mean over --data sources of each one's mean token loss (every task counts "
-    "equally); tokens: loss pooled over all target tokens (long answers dominate).",
+    "equally); tokens: loss pooled over all target tokens (long answers dominate); exact: mean "
+    "over sources of the share of rows not reproduced exactly by greedy decoding (for short "
+    "answers judged by exact match; ties broken by tasks).",
 )
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Best recipe (YAML).")
 @click.option(
@@ -166,27 +168,29 @@ def search_command(
     _write_atomic(Path(out), yaml.safe_dump(result.best_recipe, sort_keys=False))
     if report_path:
         _write_atomic(Path(report_path), json.dumps(report(result), indent=2) + "\n")
+    exact = ", ".join(f"{_short(x.source)} {x.exact_share:.3f}" for x in result.best.losses)
     click.echo(
-        f"best: {result.best.label()} ({objective} loss {result.best.loss:.4f} on "
-        f"{result.sample_tokens} tokens); {len(result.candidates)} candidates in "
+        f"best: {result.best.label()} ({objective} objective {result.best.loss:.4f} on "
+        f"{result.sample_tokens} tokens; exact match {exact}); {len(result.candidates)} candidates in "
         f"{result.seconds:.1f}s; wrote {out}" + (f" and {report_path}" if report_path else "")
     )
 
 
 def _search_table(result) -> list[str]:  # type: ignore[no-untyped-def]
-    """One row per candidate, best first: objective, each source's loss, seconds, candidate."""
+    """One row per candidate, best first: objective, each source's loss and exact match,
+    seconds, candidate."""
+    from mergekit_fisher.search.run import rank_key
+
     names = [_short(s) for s in result.samples]
-    lines = [
-        "  ".join([f"{'objective':>10}", *(f"{n[:12]:>12}" for n in names), "seconds", "candidate"])
-    ]
-    for scored in sorted(result.candidates, key=lambda c: c.loss):
+    header = [f"{'objective':>10}", *(f"{n[:12]:>12}" for n in names)]
+    header += [f"{(n[:9] + ' EM'):>12}" for n in names]
+    lines = ["  ".join([*header, "seconds", "candidate"])]
+    for scored in sorted(result.candidates, key=rank_key):
         mark = "*" if scored is result.best else " "
-        losses = (f"{x.mean:>12.4f}" for x in scored.losses)
-        lines.append(
-            "  ".join(
-                [f"{scored.loss:>9.4f}{mark}", *losses, f"{scored.seconds:>7.1f}", scored.label()]
-            )
-        )
+        losses = [f"{x.mean:>12.4f}" for x in scored.losses]
+        exact = [f"{x.exact_share:>12.3f}" for x in scored.losses]
+        row = [f"{scored.loss:>9.4f}{mark}", *losses, *exact, f"{scored.seconds:>7.1f}"]
+        lines.append("  ".join([*row, scored.label()]))
     return lines
 
 

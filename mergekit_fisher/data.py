@@ -19,8 +19,11 @@ TRL's conversational format), or the ``text_field`` (every token is a target).
 
 Chat mask rule: the targets are the tokens of each assistant turn, found by rendering the chat
 up to that turn (with the generation prompt) and through it, and diffing token prefixes of the
-full rendering; the turn's end-of-turn text is a target, its role header is not. A chat with no
-assistant turn has no target and is dropped. If a template makes the prefixes disagree (it
+full rendering; the turn's end-of-turn token is a target, its role header is not, and neither is
+what the template writes after the end-of-turn token (ChatML's, Gemma's and Phi-3's newline):
+generation stops at that token, so text after it is never produced and only adds noise to a
+loss. The end-of-turn token is the turn's last special token; a template without one keeps the
+whole turn. A chat with no assistant turn has no target and is dropped. If a template makes the prefixes disagree (it
 rewrites earlier turns), every token of the chat is a target and a warning is logged once.
 """
 
@@ -46,7 +49,7 @@ __all__ = ["Batch", "CalibrationData", "DataError", "Example", "load_calibration
 
 logger = logging.getLogger(__name__)
 
-_FINGERPRINT_VERSION = "mergekit-fisher-data-v1"
+_FINGERPRINT_VERSION = "mergekit-fisher-data-v2"  # v2: chat targets end at end-of-turn
 _TEXT_SUFFIXES = (".txt",)
 _JSON_SUFFIXES = (".jsonl", ".json")
 _PARQUET_SUFFIXES = (".parquet",)
@@ -368,9 +371,11 @@ def _assistant_spans(
 
     For each assistant message k, the chat up to k (with the generation prompt) and up to k+1
     are rendered; both must be string prefixes of the full rendering and token prefixes of its
-    tokens, and the tokens between them are the assistant turn (its end-of-turn token included,
-    its header excluded). Templates that rewrite earlier turns fail these checks.
+    tokens, and the tokens between them are the assistant turn (its header excluded), cut after
+    its end-of-turn token (see :func:`_end_of_turn`). Templates that rewrite earlier turns fail
+    these checks.
     """
+    special = _special_ids(tokenizer)
     spans = []
     for k, msg in enumerate(messages):
         if msg.get("role") != "assistant":
@@ -388,8 +393,25 @@ def _assistant_spans(
             if ids[: len(prefix_ids)] != prefix_ids:
                 return None
             bounds.append(len(prefix_ids))
-        spans.append((bounds[0], bounds[1]))
+        spans.append((bounds[0], _end_of_turn(ids, bounds[0], bounds[1], special)))
     return spans
+
+
+def _special_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """The tokenizer's special tokens: the named ones and every added token marked special
+    (Llama-3's ``<|eot_id|>`` is only the latter in base tokenizers)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    marked = {i for i, token in added.items() if getattr(token, "special", False)}
+    return frozenset(tokenizer.all_special_ids) | marked
+
+
+def _end_of_turn(ids: Sequence[int], start: int, end: int, special: frozenset[int]) -> int:
+    """The end of an assistant turn's targets: just after its last special token (the
+    end-of-turn token), or ``end`` when the turn has no special token after its first."""
+    for t in range(end - 1, start, -1):
+        if ids[t] in special:
+            return t + 1
+    return end
 
 
 def _chat_example(

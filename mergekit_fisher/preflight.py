@@ -102,8 +102,26 @@ def _check_weights(where: str, params: dict[str, Any]) -> None:
             )
 
 
+def check_base(config: MergeConfiguration) -> None:
+    """A method whose contract requires a base (task vectors: ours and mergekit's) refuses a
+    recipe without ``base_model:`` in one line, not mergekit's traceback from mid-plan."""
+    from mergekit.merge_methods import BasePolicy, registered_methods
+
+    methods = {m.spec.name: m for m in registered_methods()}
+    method = methods.get(config.merge_method)
+    contract = getattr(getattr(method, "spec", None), "contract", None)
+    if config.base_model is None and getattr(contract, "base", None) == BasePolicy.REQUIRED:
+        raise RecipeError(
+            f"merge_method {config.merge_method} needs a base model: add `base_model: <the model "
+            "the experts were fine-tuned from>` to the recipe (its task vectors are each model "
+            "minus that base)"
+        )
+
+
 def check_recipe(config: MergeConfiguration) -> list[ServedModel]:
-    """Validate a recipe of one of our methods and open every store; [] for other methods."""
+    """Validate a recipe (the base model for every method; for ours also parameters and every
+    store, opened); the stores serving each input, [] for other methods."""
+    check_base(config)
     if config.merge_method not in RECIPE_METHODS:
         return []
     accepted, key = RECIPE_METHODS[config.merge_method]

@@ -25,15 +25,18 @@ CORPUS = [
 ]
 
 
-def _make_tokenizer(eos_after: bool = False):
-    """A byte-level BPE with BOS added in front (and EOS behind if ``eos_after``)."""
+def _make_tokenizer(
+    eos_after: bool = False, template: str = CHATML, extra_specials: tuple[str, ...] = ()
+):
+    """A byte-level BPE with BOS added in front (and EOS behind if ``eos_after``), a chat
+    ``template`` and its ``extra_specials`` as special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    specials = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    specials = ["<s>", "</s>", "<|im_start|>", "<|im_end|>", *extra_specials]
     trainer = trainers.BpeTrainer(
         vocab_size=400,
         special_tokens=specials,
@@ -47,7 +50,7 @@ def _make_tokenizer(eos_after: bool = False):
     out = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", name_or_path="tiny-bpe"
     )
-    out.chat_template = CHATML
+    out.chat_template = template
     return out
 
 
@@ -248,7 +251,7 @@ def test_conversational_prompt_completion(tmp_path, tok):
     }
     path = _write_jsonl(tmp_path / "pc.jsonl", [rec])
     (ex,) = load_calibration_data([str(path)], tok).examples
-    assert _targets(tok, ex) == "four<|im_end|>\n"
+    assert _targets(tok, ex) == "four<|im_end|>"
 
 
 def test_messages_targets_are_assistant_turns(tmp_path, tok):
@@ -270,13 +273,101 @@ def test_messages_targets_are_assistant_turns(tmp_path, tok):
         before = tok.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True)
         upto = tok.apply_chat_template(messages[: k + 1], tokenize=False)
         spans.append((len(_ids(tok, before, False)), len(_ids(tok, upto, False))))
+    # ... less the newline the template writes after <|im_end|>, which generation never makes
+    spans = [(a, b - 1) for a, b in spans]
     expected = tuple(any(a <= t < b for a, b in spans) for t in range(len(ex.input_ids)))
     assert ex.target_mask == expected
-    assert _targets(tok, ex) == "hello world<|im_end|>\nfour<|im_end|>\n"
+    assert _targets(tok, ex) == "hello world<|im_end|>four<|im_end|>"
 
     (cut,) = load_calibration_data([str(path)], tok, max_length=spans[0][0] + 2).examples
     assert cut.input_ids == ex.input_ids[: spans[0][0] + 2]
     assert cut.target_mask == ex.target_mask[: spans[0][0] + 2]
+
+
+# Public chat templates (tool-call branches left out), with each family's end-of-turn token.
+LLAMA3 = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] "
+    "| trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}"
+    "{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+QWEN2 = (
+    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\n' + messages[0]['content']"
+    " + '<|im_end|>\n' }}{%- else %}{{- '<|im_start|>system\nYou are Qwen, created by Alibaba "
+    "Cloud. You are a helpful assistant.<|im_end|>\n' }}{%- endif %}{%- for message in messages "
+    "%}{%- if (message.role == 'user') or (message.role == 'system' and not loop.first) or "
+    "(message.role == 'assistant') %}{{- '<|im_start|>' + message.role + '\n' + message.content"
+    " + '<|im_end|>' + '\n' }}{%- endif %}{%- endfor %}{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+GEMMA = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'assistant') %}"
+    "{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
+PHI3 = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') %}"
+    "{{'<|user|>' + '\n' + message['content'] + '<|end|>' + '\n' + '<|assistant|>' + '\n'}}"
+    "{% elif (message['role'] == 'assistant') %}{{message['content'] + '<|end|>' + '\n'}}"
+    "{% endif %}{% endfor %}"
+)
+MISTRAL = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+TEMPLATES = {
+    "smollm2": (CHATML, (), "<|im_end|>"),
+    "llama3": (LLAMA3, ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"), "<|eot_id|>"),
+    "qwen2": (QWEN2, (), "<|im_end|>"),
+    "gemma": (GEMMA, ("<start_of_turn>", "<end_of_turn>"), "<end_of_turn>"),
+    "phi3": (PHI3, ("<|user|>", "<|assistant|>", "<|end|>"), "<|end|>"),
+    "mistral": (MISTRAL, (), "</s>"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(TEMPLATES))
+def test_chat_targets_end_at_end_of_turn(tmp_path, family):
+    """Each assistant turn's targets are its content and end-of-turn token, nothing after."""
+    template, specials, eot = TEMPLATES[family]
+    tok = _make_tokenizer(template=template, extra_specials=specials)
+    messages = [
+        {"role": "user", "content": "hi there"},
+        {"role": "assistant", "content": "hello world"},
+        {"role": "user", "content": "two plus two?"},
+        {"role": "assistant", "content": "four"},
+    ]
+    path = _write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages}])
+    (ex,) = load_calibration_data([str(path)], tok).examples
+    assert ex.input_ids == _ids(tok, tok.apply_chat_template(messages, tokenize=False), False)
+    assert _targets(tok, ex) == f"hello world{eot}four{eot}"
+    mask = (*ex.target_mask, False)
+    ends = [t for t in range(len(ex.input_ids)) if mask[t] and not mask[t + 1]]
+    assert [ex.input_ids[t] for t in ends] == [tok.convert_tokens_to_ids(eot)] * 2
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    from mergekit_fisher.demo import smollm2
+
+    try:
+        gguf = smollm2.gguf_path()
+    except smollm2.ModelUnavailable as error:
+        pytest.skip(str(error))
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+def test_real_smollm2_chat_targets(tmp_path, smollm2_tokenizer):
+    """The real SmolLM2 tokenizer (GGUF): the newline after <|im_end|> is not a target."""
+    messages = [{"role": "user", "content": "two plus two?"}, {"role": "assistant", "content": "4"}]
+    path = _write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages}])
+    (ex,) = load_calibration_data([str(path)], smollm2_tokenizer).examples
+    assert _targets(smollm2_tokenizer, ex) == "4<|im_end|>"
+    assert smollm2_tokenizer.decode(ex.input_ids[-1:]) == "\n" and not ex.target_mask[-1]
 
 
 def test_messages_with_unlocatable_turns_target_everything(tmp_path, caplog):

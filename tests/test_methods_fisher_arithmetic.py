@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
+from click.testing import CliRunner
 from conftest import make_store, model_tensors, run_recipe, save_tiny_model, stored_fisher
 
 from mergekit_fisher.store import clear_cache
@@ -168,6 +170,25 @@ def test_base_needs_no_store_but_experts_do(tmp_path: Path, family) -> None:  # 
     del config["models"][1]["parameters"]["fisher"]
     with pytest.raises(FisherError, match="has no `fisher` parameter"):
         run_recipe(config, tmp_path / "o")
+
+
+@pytest.mark.parametrize("method", ["fisher_ties", "fisher_arithmetic", "task_arithmetic"])
+def test_a_missing_base_model_is_one_line(tmp_path: Path, family, method: str) -> None:  # type: ignore[no-untyped-def]
+    """Every method that needs a base (ours and mergekit's) says to add it, before any load."""
+    from mergekit_fisher.cli import main
+
+    base, experts = family[0], family[1][:2]
+    config = recipe(base, experts, _stores(experts, tmp_path)) | {"merge_method": method}
+    del config["base_model"]
+    config["models"] = [m for m in config["models"] if m["model"] != str(base)]
+    if method == "task_arithmetic":
+        for model in config["models"]:
+            model["parameters"] = {"weight": 1.0}
+    (tmp_path / "r.yml").write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(main, ["merge", str(tmp_path / "r.yml"), str(tmp_path / "out")])
+    assert result.exit_code == 1, result.output
+    assert f"merge_method {method} needs a base model: add `base_model:" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------------------ fisher_ties

@@ -113,8 +113,64 @@ def test_objectives_weigh_tasks_equally_or_tokens() -> None:
     losses = [SourceLoss("a", nll=10.0, tokens=10), SourceLoss("b", nll=300.0, tokens=100)]
     assert objective(losses, "tasks") == pytest.approx((1.0 + 3.0) / 2)
     assert objective(losses, "tokens") == pytest.approx(310.0 / 110)
-    with pytest.raises(SearchError, match="tasks, tokens"):
+    with pytest.raises(SearchError, match="tasks, tokens, exact"):
         objective(losses, "words")
+
+
+class _Oracle(torch.nn.Module):
+    """Predicts each next token (logit 5 on it) except at one position per listed row, where
+    it predicts the next token + 1: a model whose exact match is known by construction. Rows
+    are numbered in the order the batches arrive."""
+
+    def __init__(self, vocab: int, wrong: dict[int, int]):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.vocab, self.wrong, self.seen = vocab, wrong, 0
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):  # type: ignore[no-untyped-def]
+        nxt = torch.roll(input_ids, -1, dims=1)
+        for b in range(input_ids.shape[0]):
+            position = self.wrong.get(self.seen + b)
+            if position is not None:  # the prediction made at position - 1 is wrong
+                nxt[b, position - 1] = (nxt[b, position - 1] + 1) % self.vocab
+        self.seen += input_ids.shape[0]
+        logits = torch.nn.functional.one_hot(nxt, self.vocab).float() * 5.0
+        return type("Output", (), {"logits": logits})()
+
+
+def test_exact_match_counts_rows_whose_every_target_is_the_argmax() -> None:
+    from mergekit_fisher.data import CalibrationData, Example
+    from mergekit_fisher.search.score import score_source
+
+    prompt, target = (False, False, False), (True, True, True)
+    rows = [Example((1, 2, 3, 4, 5, 6), prompt + target) for _ in range(4)]
+    rows[2] = Example((1, 2, 3, 4, 5), prompt + target[:2])  # padded in its batch
+    data = CalibrationData(tuple(rows), "fp", ("s",))
+    # row 0 is wrong only on a prompt token (still exact), row 1 on its last target, row 3 on
+    # its first target, row 2 nowhere; batches of 3 and 1 (padding never counts)
+    model = _Oracle(vocab=8, wrong={0: 2, 1: 5, 3: 3})
+    scored = score_source(model, "s", data, pad_id=0, batch_size=3)
+    assert (scored.rows, scored.exact, scored.tokens) == (4, 2, 11)
+    assert scored.exact_share == 0.5
+    # the independent loss: 9 right targets, 2 wrong; log-softmax of one-hot logits
+    right = -torch.log_softmax(torch.tensor([5.0] + [0.0] * 7), 0)[0]
+    wrong = -torch.log_softmax(torch.tensor([0.0, 5.0] + [0.0] * 6), 0)[0]
+    assert scored.nll == pytest.approx(float(9 * right + 2 * wrong), rel=1e-6)
+    other = SourceLoss("t", nll=1.0, tokens=1, rows=4, exact=4)
+    assert objective([scored, other], "exact") == pytest.approx(1 - (0.5 + 1.0) / 2)
+
+
+def test_exact_objective_ties_go_to_the_lower_task_loss() -> None:
+    from mergekit_fisher.search.candidates import Candidate
+    from mergekit_fisher.search.run import Scored, best_of
+
+    def scored(label: str, loss: float, tiebreak: float) -> Scored:
+        candidate = Candidate(method="linear", recipe={}, settings=(), label=label)
+        return Scored(candidate, (), loss, 0.0, tiebreak)
+
+    picks = [scored("a", 0.25, 0.9), scored("b", 0.25, 0.4), scored("c", float("nan"), 0.1)]
+    assert best_of(picks).label() == "b"
+    assert best_of([scored("d", 0.5, 0.1), *picks]).label() == "b"
 
 
 ALL_INPUTS = {
@@ -215,14 +271,24 @@ def test_search_cli_writes_best_recipe(tmp_path: Path, tiny_llama_pair) -> None:
             "weight=0.5,2",
             "--grid",
             "epsilon=1e-8,1e-3",
+            "--objective",
+            "exact",
             "--out",
             str(tmp_path / "best.yml"),
+            "--report",
+            str(tmp_path / "report.json"),
         ],
     )
     assert result.exit_code == 0, result.output
     assert "best:" in result.output and result.output.count("weights=") == 5
+    header = next(line for line in result.output.splitlines() if "objective" in line)
+    assert "heldout" in header and "heldout EM" in header
     best = yaml.safe_load((tmp_path / "best.yml").read_text())
     assert best["merge_method"] == "fisher" and best["parameters"]["epsilon"] in (1e-8, 1e-3)
+    # A random tiny model reproduces no row: every candidate ties at 1.0 and the lowest loss wins
+    rows = json.loads((tmp_path / "report.json").read_text())["candidates"]
+    assert all(r["objective"] == 1.0 and set(r["exact_match"].values()) == {0.0} for r in rows)
+    assert best == min(rows, key=lambda r: r["losses"][str(data)])["recipe"]
 
 
 def test_search_cli_methods_writes_the_argmin_and_a_report(

@@ -44,6 +44,7 @@ class Scored:
     losses: tuple[SourceLoss, ...]
     loss: float  # the objective
     seconds: float
+    tiebreak: float = 0.0  # the ``tasks`` loss, which orders candidates the objective ties
 
     @property
     def weights(self) -> tuple[float, ...]:
@@ -107,12 +108,18 @@ def score_candidate(candidate: Candidate, scratch: Path, scoring: Scoring) -> Sc
     finally:
         shutil.rmtree(out, ignore_errors=True)
     loss = objective(losses, scoring.objective)
-    return Scored(candidate, losses, loss, time.perf_counter() - started)
+    tiebreak = objective(losses, "tasks")
+    return Scored(candidate, losses, loss, time.perf_counter() - started, tiebreak)
+
+
+def rank_key(scored: Scored) -> tuple[bool, float, bool, float]:
+    """Lowest objective first, ties (common under ``exact``) by the ``tasks`` loss; NaN last."""
+    return (math.isnan(scored.loss), scored.loss, math.isnan(scored.tiebreak), scored.tiebreak)
 
 
 def best_of(scored: Sequence[Scored]) -> Scored:
-    """The lowest objective (a NaN objective never wins)."""
-    return min(scored, key=lambda s: (math.isnan(s.loss), s.loss))
+    """The lowest objective, ties broken by the ``tasks`` loss (a NaN objective never wins)."""
+    return min(scored, key=rank_key)
 
 
 def _candidates(
@@ -197,7 +204,8 @@ def search(
 
 
 def report(result: SearchResult) -> dict[str, Any]:
-    """The JSON report: every candidate, its recipe, per-source losses, objective and time."""
+    """The JSON report: every candidate, its recipe, per-source losses and exact match,
+    objective and time."""
     return {
         "objective": result.objective,
         "sources": {
@@ -213,6 +221,7 @@ def report(result: SearchResult) -> dict[str, Any]:
                 "label": s.label(),
                 "recipe": s.candidate.recipe,
                 "losses": {x.source: x.mean for x in s.losses},
+                "exact_match": {x.source: x.exact_share for x in s.losses},
                 "objective": s.loss,
                 "seconds": round(s.seconds, 3),
             }
