@@ -460,6 +460,19 @@ def resolve_store_path(ref: str, revision: str | None = None) -> Path:
         ) from None
 
 
+def to_device(
+    tensor: torch.Tensor, device: torch.device | str | None, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """``tensor`` on ``device`` (None: where it is) in ``dtype`` (None: its own): moved first, in
+    its own dtype, and converted there. ``cpu_bf16.to(device="cuda", dtype=torch.float32)``
+    converts on the CPU before the copy, and copies twice the bytes: for 100M elements on an
+    H200, 518 ms of CPU against 30 ms for ``.to("cuda")`` then ``.float()``. Plain pageable
+    copies: a store tensor is read once, so pinning it first would be one more CPU copy."""
+    if device is not None:
+        tensor = tensor.to(device)
+    return tensor if dtype is None else tensor.to(dtype)
+
+
 class FisherStore:
     """A lazily read Fisher store. Thread-safe: every read opens its own handle."""
 
@@ -584,17 +597,25 @@ class FisherStore:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
-        """One tensor (validated: finite; a Fisher also non-negative)."""
-        with self.reader(name) as read:
-            tensor = read(None, None)
-        return tensor.to(device=device or "cpu", dtype=dtype)
+        """One tensor on ``device`` (default CPU) in ``dtype``, validated: finite; a Fisher also
+        non-negative (see ``reader``)."""
+        with self.reader(name, device=device, dtype=dtype) as read:
+            return read(None, None)
 
     @contextlib.contextmanager
-    def reader(self, name: str) -> Iterator[Callable[[int | None, int | None], torch.Tensor]]:
-        """``read(start, stop)``: what one tensor holds for rows [start, stop) of its weight, in
-        the stored dtype, validated, through one handle kept open while the caller merges that
-        weight a block of rows at a time. A tensor that broadcasts along the weight's rows
-        (a node store's [1, in]) comes back whole; ``read(None, None)`` is the whole tensor."""
+    def reader(
+        self,
+        name: str,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Iterator[Callable[[int | None, int | None], torch.Tensor]]:
+        """``read(start, stop)``: what one tensor holds for rows [start, stop) of its weight,
+        validated, through one handle kept open while the caller merges that weight a block of
+        rows at a time. A tensor that broadcasts along the weight's rows (a node store's
+        [1, in]) comes back whole; ``read(None, None)`` is the whole tensor. It comes on
+        ``device`` (default: where safetensors reads it, the CPU) and in ``dtype`` (default: the
+        stored one), moved and validated in the stored dtype and converted last, on the device
+        (``to_device``): a GPU merge does no per-element work on the CPU."""
         try:
             filename = self._weight_map[name]
         except KeyError:
@@ -616,15 +637,17 @@ class FisherStore:
                         f"cannot read {name!r} from {self.path / filename} ({error}): the store "
                         "is corrupt or truncated; re-create or re-download it"
                     ) from None
+                tensor = to_device(tensor, device)
                 self._check_values(name, tensor)
-                return tensor
+                return to_device(tensor, None, dtype)
 
             yield read
 
     def _check_values(self, name: str, tensor: torch.Tensor) -> None:
         if not tensor.numel():
             return
-        # One pass over the stored dtype: NaN propagates into both, Inf shows in one.
+        # One pass over the stored dtype, on the tensor's device: NaN propagates into both, Inf
+        # shows in one.
         low, high = (float(v) for v in torch.aminmax(tensor))
         if not (math.isfinite(low) and math.isfinite(high)):
             raise StoreError(f"{self.ref}: tensor {name!r} has NaN/Inf values; re-estimate")

@@ -96,7 +96,9 @@ def fisher_merge(
     floored = epsilon * max(weights) >= torch.finfo(compute).tiny
     if by_rows(first):
         with contextlib.ExitStack() as stack:
-            readers = [stack.enter_context(s.reader(n)) for s, n in zip(stores, names)]
+            readers = [
+                stack.enter_context(s.reader(n, device=first.device)) for s, n in zip(stores, names)
+            ]
             return _merge_by_rows(entries, readers, scales, offsets, weights, compute, floored)
 
     numerator: torch.Tensor | None = None

@@ -97,15 +97,16 @@ def fisher_arithmetic_merge(
         return task_arithmetic(base, [e.tensor for e in experts], weights)
     scales = [1.0 / s.global_norm if normalize and s.global_norm > 0 else 1.0 for s in stores]
     with contextlib.ExitStack() as stack:
-        readers = [stack.enter_context(s.reader(n)) for s, n in zip(stores, located) if n]
+        readers = [
+            stack.enter_context(s.reader(n, device=base.device, dtype=compute))
+            for s, n in zip(stores, located)
+            if n
+        ]
         blocks = list(row_blocks(base)) if by_rows(base) else [(None, None)]
         out = torch.empty_like(base) if len(blocks) > 1 else None
         for start, stop in blocks:
             rows = slice(start, stop)
-            fishers = [
-                read(start, stop).to(device=base.device, dtype=compute).mul_(scale)
-                for read, scale in zip(readers, scales)
-            ]
+            fishers = [read(start, stop).mul_(scale) for read, scale in zip(readers, scales)]
             merged = _merge_block(
                 base[rows], [e.tensor[rows] for e in experts], fishers, weights, gamma, compute
             )

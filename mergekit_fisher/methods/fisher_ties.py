@@ -60,7 +60,9 @@ def fisher_ties_merge(
     normalize: bool = False,
 ) -> torch.Tensor:
     """Fisher-TIES of one tensor group (see the module docstring). Whole tensors, as mergekit's
-    own ``ties`` merges them: trimming needs each tensor's importance quantile."""
+    own ``ties`` merges them: trimming needs each tensor's importance quantile. The pulls are
+    summed as they come, so the peak is the task vectors plus about four tensors in ``compute``
+    (on a GPU, device memory)."""
     base = group.base.tensor
     experts, stores, located = expert_stores(group, fisher)
     if not experts:
@@ -72,14 +74,18 @@ def fisher_ties_merge(
     compute = compute_dtype(group.entries)
     theta_b = base.to(compute)
     taus = [torch.sub(e.tensor.to(compute), theta_b) for e in experts]
-    pulls, kept = [], []
+    pull = torch.zeros_like(theta_b)  # sum_m w_m keep_m F_m tau_m
+    kept = []
     for e, s, n, tau, w in zip(experts, stores, located, taus, weights):
         scale = 1.0 / s.global_norm if normalize and s.global_norm > 0 else 1.0
         f = s.get(n, device=base.device, dtype=compute).mul_(scale).expand_as(tau)
-        keep = top_share(f * tau.square(), float(density[e.id]))
-        pulls.append(torch.where(keep, f * tau * w, 0.0))
+        work = tau.square().mul_(f)  # the importance, then this expert's pull: one buffer
+        keep = top_share(work, float(density[e.id]))
+        pull.add_(torch.mul(f, tau, out=work).mul_(w).masked_fill_(~keep, 0.0))
         kept.append(keep)
-    elected = torch.where(sum(pulls) >= 0, 1.0, -1.0).to(compute)
+        del f, work
+    elected = torch.where(pull >= 0, 1.0, -1.0).to(compute)
+    del pull
     out = theta_b.clone()
     for tau, keep, w in zip(taus, kept, weights):
         out.add_(torch.where(keep & (tau.sign() == elected), tau, 0.0), alpha=w)
