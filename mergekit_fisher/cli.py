@@ -440,6 +440,13 @@ def demo_command(out: str, seeds: int, regime: str, keep_models: bool, verbose: 
     is_flag=True,
     help="Recompute activations in backward (less memory).",
 )
+@click.option(
+    "--max-gpu-memory",
+    default=None,
+    help="Memory budget per GPU, e.g. 24GiB or 48GB: accumulators that do not fit live in CPU "
+    "memory (added per batch), checkpointing turns on when needed; the plan is logged and the "
+    "result does not change.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampled labels.")
 @click.option("--shard-size", type=int, default=None, help="Max bytes per store file.")
 @click.option(

@@ -311,3 +311,13 @@ def test_no_progress_also_silences_transformers_bars(
     estimate_fisher(model_dir, data, tmp_path / "out", progress=progress, batch_size=4)
     assert ("Loading weights" in capfd.readouterr().err) == progress
     assert hf_logging.is_progress_bar_enabled()
+
+
+def test_logits_in_small_chunks_match_naive_float64() -> None:
+    """Vocabulary-wide work (log-sum-exp, the logits' gradient) a few positions at a time."""
+    model = tiny_model("llama")
+    examples = random_examples(LENGTHS, model.config.vocab_size, seed=3, prompt=3)
+    ref = naive_fisher(model, examples, mode="sampled", samples=2, seed=7)
+    rows = 3 * 4 * model.config.vocab_size  # engine.logits_rows: 3 positions per chunk
+    config = EstimateConfig(batch_size=3, samples_per_example=2, seed=7, chunk_bytes=rows)
+    assert_close(compute_fisher(model, examples, config).fisher, ref, FP64_TOL)

@@ -52,13 +52,32 @@ def parse_dtype(name: str | torch.dtype, what: str = "--dtype") -> torch.dtype:
         ) from None
 
 
+def parse_size(value: int | str, what: str = "--max-gpu-memory") -> int:
+    """Bytes from ``24GiB``, ``48GB``, ``512MiB`` or a plain number of bytes (accelerate's
+    ``convert_file_size_to_int`` spellings); a one-line error otherwise."""
+    from accelerate.utils import convert_file_size_to_int
+
+    text = value.strip() if isinstance(value, str) else value
+    try:
+        size = convert_file_size_to_int(int(text) if str(text).isdigit() else text)
+    except (ValueError, AttributeError, TypeError):
+        size = -1
+    if not isinstance(size, int) or size <= 0:
+        raise EstimateError(
+            f"{what} {value!r} is not a memory size: write it like 24GiB, 48GB or 512MiB"
+        )
+    return size
+
+
 @dataclass(frozen=True)
 class EstimateConfig:
     """Every setting of ``estimate_fisher`` / ``mergekit-fisher estimate`` (CLI names in docs).
 
     ``dtype=None`` computes in bfloat16 on CUDA and float32 on CPU; ``store_dtype=None`` stores
     Fisher in bfloat16 and Gram matrices in float32 (``DEFAULT_STORE_DTYPES``).
-    ``checkpoint_every`` counts batches (0: never). ``node_mapping``/``kv_heads`` only matter
+    ``checkpoint_every`` counts batches (0: never). ``max_gpu_memory`` (bytes or ``24GiB``)
+    caps what the run keeps on each GPU: ``budget.plan_memory`` decides checkpointing and
+    which accumulators live in CPU memory; the result does not change. ``node_mapping``/``kv_heads`` only matter
     for ``granularity="nodes"``; ``statistic="gram"`` (RegMean's input Gram matrices) runs
     forward passes only and ignores ``mode``, ``granularity`` and ``samples_per_example``.
     """
@@ -75,6 +94,7 @@ class EstimateConfig:
     device: str = "auto"
     device_map: str | None = None
     gradient_checkpointing: bool = False
+    max_gpu_memory: int | str | None = None
     seed: int = 0
     shard_size: int | None = None
     checkpoint_every: int = 0
@@ -120,6 +140,13 @@ class EstimateConfig:
             raise EstimateError(f"--device-map {self.device_map!r}: only 'auto' is supported")
         if self.dtype is not None:
             parse_dtype(self.dtype)
+        if self.max_gpu_memory is not None:
+            parse_size(self.max_gpu_memory)
+
+    @property
+    def gpu_budget(self) -> int | None:
+        """``max_gpu_memory`` in bytes (None: no budget)."""
+        return None if self.max_gpu_memory is None else parse_size(self.max_gpu_memory)
 
     @property
     def stored_as(self) -> str:

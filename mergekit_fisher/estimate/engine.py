@@ -8,13 +8,17 @@ Draws do not depend on batch composition, device or rank: example n's k-th draw 
 positions uses a CPU ``torch.Generator`` seeded by :func:`example_seed` (seed, n, k) and
 inverse-CDF sampling (:func:`sample_targets`). One forward serves all K draws (K backward
 passes through the retained graph).
+
+Vocabulary-wide work stays in the model's dtype except one float32 chunk of rows at a time
+(``logits_rows``, set by the vocabulary and ``chunk_bytes``): the logits and their gradient
+are the only [B, T, V] tensors a batch keeps (bf16 at 8B, 8 x 512 tokens: 1 GB each).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -33,6 +37,7 @@ _SAMPLE_ROWS = 256  # softmax/cumsum rows at a time when drawing labels
 class Collector(Protocol):
     granularity: str
     accumulators: dict[str, torch.Tensor]
+    bank: Any  # offload.Accumulators
 
     def install(self) -> None: ...
     def remove(self) -> None: ...
@@ -64,15 +69,42 @@ def sample_targets(logits: torch.Tensor, seed: int, index: int, draw: int) -> to
     return out
 
 
+def logits_rows(vocab: int, chunk_bytes: int) -> int:
+    """Positions per float32 chunk of vocabulary-wide work (log-sum-exp, the logits' gradient):
+    set by the vocabulary and ``chunk_bytes`` only, never by a memory budget, so that a budget
+    cannot change a result."""
+    return max(1, chunk_bytes // (4 * max(vocab, 1)))
+
+
+def _chunks(logits: torch.Tensor, rows: int) -> Iterator[tuple[int, slice]]:
+    """(example, positions) of the predicting positions of ``logits`` [B, T, V], ``rows`` at
+    a time."""
+    b, t = logits.shape[0], logits.shape[1] - 1
+    for i in range(b):
+        for start in range(0, t, rows):
+            yield i, slice(start, min(start + rows, t))
+
+
+def chunked_logsumexp(logits: torch.Tensor, rows: int, work: torch.dtype) -> torch.Tensor:
+    """logsumexp over the vocabulary at every predicting position ([B, T - 1], in ``work``),
+    one float32 (``work``) chunk of ``rows`` positions at a time."""
+    out = torch.empty(logits.shape[0], logits.shape[1] - 1, dtype=work, device=logits.device)
+    for i, pos in _chunks(logits, rows):
+        out[i, pos] = torch.logsumexp(logits[i, pos].to(work), -1)
+    return out
+
+
 class TargetLogLik(torch.autograd.Function):
     """Per example, sum over target positions t of log softmax(logits[t])[labels[t]], where
-    ``logits`` [B, T, V] holds every position and ``lse``, ``labels``, ``targets`` [B, T - 1]
-    the predicting ones (``lse`` = logsumexp of those logits, computed once by the caller).
+    ``logits`` [B, T, V] (the model's dtype) holds every position and ``lse`` (``work``
+    dtype), ``labels``, ``targets`` [B, T - 1] the predicting ones (``lse`` from
+    :func:`chunked_logsumexp`, computed once by the caller).
 
     The backward writes d/dlogits = w (onehot(labels) - exp(logits - lse)), with w the
-    incoming gradient at target positions and 0 elsewhere (and at the last position), into one
-    tensor in one pass: the same values, in the same order of operations, as autograd's
-    gather, logsumexp and slice backwards, without their vocabulary-sized zero fills and copies.
+    incoming gradient at target positions and 0 elsewhere (and at the last position), in
+    ``work`` precision, ``rows`` positions at a time, into one tensor of the logits' dtype: the
+    same values, in the same order of operations, as autograd's upcast, gather, logsumexp and
+    slice backwards, without their vocabulary-sized float32 copies and zero fills.
     """
 
     @staticmethod
@@ -82,9 +114,11 @@ class TargetLogLik(torch.autograd.Function):
         lse: torch.Tensor,
         labels: torch.Tensor,
         targets: torch.Tensor,
+        rows: int,
     ) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(logits, lse, labels, targets)
-        picked = logits[:, :-1].gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse
+        ctx.rows = rows
+        picked = logits[:, :-1].gather(-1, labels.unsqueeze(-1)).squeeze(-1).to(lse.dtype) - lse
         return torch.where(targets, picked, 0).sum(1)
 
     @staticmethod
@@ -92,12 +126,13 @@ class TargetLogLik(torch.autograd.Function):
         logits, lse, labels, targets = ctx.saved_tensors
         w = torch.where(targets, grad.unsqueeze(1), 0).unsqueeze(-1)
         out = torch.empty_like(logits)
-        body = out[:, :-1]
-        torch.sub(logits[:, :-1], lse.unsqueeze(-1), out=body)
-        body.exp_().mul_(-w)
-        body.scatter_add_(-1, labels.unsqueeze(-1), w)
+        for i, pos in _chunks(logits, ctx.rows):
+            body = torch.sub(logits[i, pos].to(lse.dtype), lse[i, pos].unsqueeze(-1))
+            body.exp_().mul_(-w[i, pos])
+            body.scatter_add_(-1, labels[i, pos].unsqueeze(-1), w[i, pos])
+            out[i, pos] = body
         out[:, -1].zero_()
-        return out, None, None, None
+        return out, None, None, None, None
 
 
 @dataclass
@@ -152,16 +187,17 @@ def run_batch(
     seed: int,
     skip_nonfinite: bool,
     describe: Any = None,
+    chunk_bytes: int = 256 * 1024**2,
 ) -> BatchOutcome:
     """Forward once, backward K times; the installed collector accumulates per-example squares."""
     state.begin(batch.lengths, skip_nonfinite, batch.input_ids.device)
     try:
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
         work = torch.float64 if out.logits.dtype == torch.float64 else torch.float32
-        full_logits = out.logits.to(work)
-        logits = full_logits.detach()[:, :-1]
+        rows = logits_rows(out.logits.shape[-1], chunk_bytes)
+        logits = out.logits.detach()[:, :-1]
         targets = batch.target_mask[:, 1:].to(logits.device)
-        lse = torch.logsumexp(logits, -1)
+        lse = chunked_logsumexp(out.logits.detach(), rows, work)
         finite = torch.isfinite(torch.where(targets, lse, 0).sum(1))
         bad = [i for i, ok in enumerate(finite.tolist()) if not ok]
         if bad and not skip_nonfinite:
@@ -173,7 +209,7 @@ def run_batch(
         draws = samples_per_example if mode == "sampled" else 1
         for k in range(draws):
             labels = _labels(batch, logits, targets, mode, seed, k)
-            loglik = TargetLogLik.apply(full_logits, lse, labels, targets)
+            loglik = TargetLogLik.apply(out.logits, lse, labels, targets, rows)
             torch.where(keep, loglik, 0).sum().backward(retain_graph=k < draws - 1)
         late = [i for i in state.nonfinite() if i not in bad]
         if late and not skip_nonfinite:

@@ -15,8 +15,10 @@ Per example b (sequence), with X the module input and dY its output gradient (bo
   norms): per-example gradients of <dY_b, module(X_b)> by ``torch.func.vmap(grad)``: exact,
   a cheap recompute of the module.
 
-Squares are summed over the batch into accumulators of float32 (float64 for a float64 model);
-a batch's per-example gradients live only inside one module's backward, ``chunk_bytes`` at a time.
+Squares are summed over the batch into a scratch block, which is then added to the
+accumulator (float32; float64 for a float64 model) in one call: the accumulator may live in CPU
+memory (``offload.Accumulators``) with the same result. A batch's per-example gradients live
+only inside one module's backward, ``chunk_bytes`` at a time.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 from torch import nn
 
 from mergekit_fisher.estimate.config import EstimateError
+from mergekit_fisher.estimate.offload import Accumulators, Banked, Scratch
 from mergekit_fisher.estimate.taps import BatchState, tap
 
 LOG = logging.getLogger(__name__)
@@ -44,17 +47,19 @@ CPU_BLOCK_BYTES = 2 * 1024**2
 in cache (L2/L3) while every example of the batch is squared in."""
 
 
-def _blocks(batch: int, rows: int, row_bytes: int, budget: int) -> Iterator[tuple[slice, slice]]:
-    """(examples, rows) blocks of at most ``budget`` bytes of per-example gradient, rows outer:
-    all examples of the batch per block of rows when one row of each fits, fewer otherwise."""
+def _blocks(
+    batch: int, rows: int, row_bytes: int, budget: int
+) -> Iterator[tuple[slice, list[slice]]]:
+    """Blocks of rows, each with its groups of examples, of at most ``budget`` bytes of
+    per-example gradient: all examples of the batch at once when one row of each fits."""
     per_block = max(1, min(batch, budget // max(row_bytes, 1)))
     row_step = max(1, min(rows, budget // max(row_bytes * per_block, 1)))
+    examples = [slice(e, min(e + per_block, batch)) for e in range(0, batch, per_block)]
     for r in range(0, rows, row_step):
-        for e in range(0, batch, per_block):
-            yield slice(e, min(e + per_block, batch)), slice(r, min(r + row_step, rows))
+        yield slice(r, min(r + row_step, rows)), examples
 
 
-class FullCollector:
+class FullCollector(Banked):
     """Installs taps on every parameterised module of ``model``; owns the accumulators."""
 
     granularity = "full"
@@ -68,13 +73,12 @@ class FullCollector:
         for name, param in model.named_parameters():
             self.names[id(param)] = name
             self.params[name] = param
-        self.accumulators: dict[str, torch.Tensor] = {
-            name: torch.zeros(p.shape, dtype=accumulator_dtype(p.dtype), device=p.device)
-            for name, p in self.params.items()
-        }
+        self.bank = Accumulators()
+        for name, p in self.params.items():
+            self.bank.declare(name, tuple(p.shape), accumulator_dtype(p.dtype), p.device)
         self._handles: list[Any] = []
         self._stash: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._scratch = Scratch()
         self._in_fallback = False
         self._plan()
 
@@ -186,47 +190,45 @@ class FullCollector:
         x = x.to(dy.dtype)
         wname = self.names[id(module.weight)]
         left, right = (x, dy) if transposed else (dy, x)
-        self._square_into(self.accumulators[wname], left, right)
+        self._square_into(wname, left, right)
         if module.bias is not None:
-            bacc = self.accumulators[self.names[id(module.bias)]]
-            gb = dy.sum(1, dtype=bacc.dtype)
-            bacc.add_(gb.square_().sum(0))
+            bname = self.names[id(module.bias)]
+            gb = dy.sum(1, dtype=self.bank.specs[bname].dtype)
+            self.bank.add(bname, gb.square_().sum(0))
         if wname in self._tied:
             self._stash[wname] = (dy, x)
 
-    def _square_into(self, acc: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
-        """acc += sum_b (left_b^T right_b)^2, one block of rows and examples at a time.
+    def _square_into(
+        self, name: str, left: torch.Tensor, right: torch.Tensor, at: tuple[int, ...] = ()
+    ) -> None:
+        """acc[at] += sum_b (left_b^T right_b)^2, one block of rows at a time.
 
-        Each block's per-example products go into one reused scratch buffer (no allocation),
-        and all examples of a block of rows are squared into those accumulator rows before the
-        next: on CPU a block is cache-sized (``CPU_BLOCK_BYTES``), so the products and the
-        accumulator rows stay in cache instead of streaming the weight's size through memory
-        once per example.
+        Each block's per-example products go into one reused scratch buffer (no allocation)
+        and are squared into a second one, the block's sum over the batch, which is then added
+        to the accumulator's rows (resident or offloaded alike). On CPU a block is cache-sized
+        (``CPU_BLOCK_BYTES``), so products and sums stay in cache instead of streaming the
+        weight's size through memory once per example.
         """
         b, rows, cols = left.shape[0], left.shape[2], right.shape[2]
         budget = self.chunk_bytes
-        if acc.device.type == "cpu":
+        if right.device.type == "cpu":
             budget = min(budget, CPU_BLOCK_BYTES)
-        scratch = self._scratch_for(right, min(budget, b * rows * cols * right.element_size()))
-        for ex, rs in _blocks(b, rows, cols * right.element_size(), budget):
-            a = acc[rs]
-            n = ex.stop - ex.start
-            g = scratch[: n * a.numel()].view(n, *a.shape)
-            torch.bmm(left[ex, :, rs].transpose(1, 2), right[ex], out=g)
-            # Square into the accumulator per example: no squared temporary, and a bf16 g
-            # squares exactly in float32 (8-bit mantissas).
-            for i in range(n):
-                a.addcmul_(g[i], g[i])
-
-    def _scratch_for(self, like: torch.Tensor, nbytes: int) -> torch.Tensor:
-        """A flat buffer of at least ``nbytes`` in ``like``'s dtype and device, kept between
-        calls (grown when a larger one is asked for)."""
-        key = (like.device, like.dtype)
-        numel = -(-nbytes // like.element_size())
-        buf = self._scratch.get(key)
-        if buf is None or buf.numel() < numel:
-            buf = self._scratch[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
-        return buf
+        size = min(budget, b * rows * cols * right.element_size()) // right.element_size()
+        products = self._scratch.get("products", size, right.dtype, right.device)
+        dtype = self.bank.specs[name].dtype
+        for rs, groups in _blocks(b, rows, cols * right.element_size(), budget):
+            block = (rs.stop - rs.start, cols)
+            total = self._scratch.get("squares", block[0] * cols, dtype, right.device).view(block)
+            total.zero_()
+            for ex in groups:
+                n = ex.stop - ex.start
+                g = products[: n * total.numel()].view(n, *block)
+                torch.bmm(left[ex, :, rs].transpose(1, 2), right[ex], out=g)
+                # Square per example: no squared temporary, and a bf16 g squares exactly in
+                # float32 (8-bit mantissas).
+                for i in range(n):
+                    total.addcmul_(g[i], g[i])
+            self.bank.add(name, total, (*at, rs))
 
     def _embedding_backward(
         self, module: nn.Embedding, dy: torch.Tensor, ids: torch.Tensor
@@ -234,7 +236,7 @@ class FullCollector:
         (dy,) = self.state.screen(dy)
         b = dy.shape[0]
         wname = self.names[id(module.weight)]
-        acc = self.accumulators[wname]
+        spec = self.bank.specs[wname]
         scale = getattr(module, "embed_scale", None)
         stash = self._stash.pop(wname, None)
         lengths = self.state.lengths
@@ -242,24 +244,24 @@ class FullCollector:
         for i in range(b):
             n = lengths[i] if i < len(lengths) else ids.shape[1]
             tok = ids[i, :n]
-            rows = dy[i, :n].to(acc.dtype)
+            rows = dy[i, :n].to(spec.dtype)
             if scale is not None:
-                rows = rows * torch.as_tensor(scale, dtype=acc.dtype, device=rows.device)
+                rows = rows * torch.as_tensor(scale, dtype=spec.dtype, device=rows.device)
             if module.padding_idx is not None:
                 keep = tok != module.padding_idx
                 tok, rows = tok[keep], rows[keep]
             uniq, inverse = torch.unique(tok, return_inverse=True)
-            e = torch.zeros(len(uniq), acc.shape[1], dtype=acc.dtype, device=acc.device)
-            e.index_add_(0, inverse.to(acc.device), rows.to(acc.device))
-            uniq = uniq.to(acc.device)
+            e = torch.zeros(len(uniq), spec.shape[1], dtype=spec.dtype, device=spec.home)
+            e.index_add_(0, inverse.to(spec.home), rows.to(spec.home))
+            uniq = uniq.to(spec.home)
             contribution = e * e
             if stash is not None:  # tied lm_head: add 2 a e, a = lm_head's rows of this example
                 sdy, sx = stash
-                a = sdy[i][:, uniq.to(sdy.device)].transpose(0, 1).to(acc.dtype) @ sx[i].to(
-                    acc.dtype
+                a = sdy[i][:, uniq.to(sdy.device)].transpose(0, 1).to(spec.dtype) @ sx[i].to(
+                    spec.dtype
                 )
-                contribution += 2 * a.to(acc.device) * e
-            acc.index_add_(0, uniq, contribution)
+                contribution += 2 * a.to(spec.home) * e
+            self.bank.index_add(wname, uniq, contribution)
 
     def _generic_backward(self, module: nn.Module, dy: torch.Tensor, x: torch.Tensor) -> None:
         from torch.func import functional_call, grad, vmap
@@ -278,8 +280,9 @@ class FullCollector:
         finally:
             self._in_fallback = False
         for k, g in grads.items():
-            acc = self.accumulators[self.names[id(getattr(module, k))]]
-            acc.add_(g.to(acc.dtype).square_().sum(0).to(acc.device))
+            name = self.names[id(getattr(module, k))]
+            spec = self.bank.specs[name]
+            self.bank.add(name, g.to(spec.dtype).square_().sum(0).to(spec.home))
 
     # ----------------------------------------------------------------- results
     def fisher(self, count: float) -> dict[str, torch.Tensor]:

@@ -18,6 +18,7 @@ from torch import nn
 from mergekit_fisher.estimate.config import EstimateError
 from mergekit_fisher.estimate.engine import input_device
 from mergekit_fisher.estimate.full import accumulator_dtype, is_conv1d
+from mergekit_fisher.estimate.offload import Accumulators, Banked, Scratch
 from mergekit_fisher.estimate.taps import BatchState
 
 ACCUMULATED_TOKENS = "__tokens__"
@@ -31,18 +32,18 @@ class _OutputReached(Exception):
     forward pass (the logits) feeds no Gram."""
 
 
-class GramCollector:
+class GramCollector(Banked):
     """Forward pre-hooks on every ``nn.Linear``; owns the Gram sums per distinct input.
 
     The sums are float32 (float64 when the model computes in float64), like the Fisher's
     accumulators: float64 sums of every [in, in] input would need 65 GB for an 8B Llama, more
-    than an 80 GB GPU has beside the model. Each batch adds with ``addmm_`` (:func:`add_upper`); over B batches
+    than an 80 GB GPU has beside the model. Each batch adds its blocks once (:func:`add_upper`); over B batches
     the relative rounding is about sqrt(B) * 6e-8 (B * 6e-8 at worst: 6e-5 after 1000
     batches), far below the sampling noise of the calibration data.
 
     A linear layer tied to an embedding (``lm_head`` with tied embeddings) is skipped: its
     weight arrives at merge time as the embedding, which is not a linear map of its inputs.
-    Accumulators are created by one tiny discovery forward, so that every rank (and a resumed
+    Accumulators are declared by one tiny discovery forward, so that every rank (and a resumed
     run) has the same keys before any data is seen; ``__tokens__`` counts non-padding tokens.
     """
 
@@ -53,7 +54,9 @@ class GramCollector:
         self.model = model
         self.state = state  # the collector protocol's; forward-only runs need no batch state
         self.consumers: dict[str, str] = {}
-        self.accumulators: dict[str, torch.Tensor] = {}
+        self.bank = Accumulators()
+        self.bank.declare(ACCUMULATED_TOKENS, (), torch.float64, "cpu")
+        self._scratch = Scratch()
         self._mask: torch.Tensor | None = None
         self._seen: dict[int, tuple[torch.Tensor, str]] = {}
         self._calls: list[nn.Module] = []
@@ -68,8 +71,6 @@ class GramCollector:
             )
         finally:
             self.remove()
-        for acc in self.accumulators.values():
-            acc.zero_()
         self._stop_at = self._last_layer()
 
     def _last_layer(self) -> nn.Module | None:
@@ -117,13 +118,12 @@ class GramCollector:
             rows = x.detach().reshape(-1, x.shape[-1])
             if self._mask is not None:
                 rows = rows[self._mask.reshape(-1).to(rows.device)]
-            acc = self.accumulators.get(seen[1])
-            if acc is None:  # the discovery forward: the accumulator's dtype and device
-                n = rows.shape[1]
-                dtype = accumulator_dtype(rows.dtype)
-                self.accumulators[seen[1]] = torch.zeros(n, n, dtype=dtype, device=rows.device)
+            spec = self.bank.specs.get(seen[1])
+            if spec is None:  # the discovery forward: the accumulator's shape, dtype and device
+                n, dtype = rows.shape[1], accumulator_dtype(rows.dtype)
+                self.bank.declare(seen[1], (n, n), dtype, rows.device)
             else:
-                add_upper(acc, rows.to(device=acc.device, dtype=acc.dtype))
+                add_upper(self.bank, seen[1], rows.to(spec.dtype), self._scratch)
         self.consumers[f"{name}.weight"] = seen[1]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
@@ -137,10 +137,8 @@ class GramCollector:
         finally:
             self._mask = None
             self._seen.clear()
-        counter = self.accumulators.setdefault(
-            ACCUMULATED_TOKENS, torch.zeros((), dtype=torch.float64)
-        )
-        counter += tokens
+        if self.accumulators:  # not in the discovery forward
+            self.accumulators[ACCUMULATED_TOKENS] += tokens
         return tokens
 
     def fisher(self, count: float) -> dict[str, torch.Tensor]:
@@ -157,13 +155,17 @@ class GramCollector:
         return {name: self._params[name] for name in self.consumers}
 
 
-def add_upper(acc: torch.Tensor, rows: torch.Tensor) -> None:
-    """acc += rows^T rows on and above the diagonal, a block of ``SYMMETRIC_BLOCK`` rows at a
-    time (each with ``addmm_`` in place: no [in, in] temporary); below is left as it was."""
+def add_upper(bank: Accumulators, key: str, rows: torch.Tensor, scratch: Scratch) -> None:
+    """Gram ``key`` += rows^T rows on and above the diagonal, a block of ``SYMMETRIC_BLOCK``
+    rows at a time: each block's product goes into one reused scratch block (no [in, in]
+    temporary) and is added to the accumulator, resident or offloaded alike; below the
+    diagonal is left as it was."""
     n = rows.shape[1]
     for i in range(0, n, SYMMETRIC_BLOCK):
         j = min(i + SYMMETRIC_BLOCK, n)
-        acc[i:j, i:].addmm_(rows[:, i:j].T, rows[:, i:])
+        block = scratch.get("gram", (j - i) * (n - i), rows.dtype, rows.device)
+        torch.mm(rows[:, i:j].T, rows[:, i:], out=block.view(j - i, n - i))
+        bank.add(key, block.view(j - i, n - i), (slice(i, j), slice(i, None)))
 
 
 def mirror_upper(acc: torch.Tensor) -> torch.Tensor:

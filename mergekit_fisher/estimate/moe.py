@@ -192,7 +192,7 @@ class MoeFullCollector(FullCollector):
         self, param: torch.Tensor, e: int, left: torch.Tensor, right: torch.Tensor
     ) -> None:
         """acc[e] += sum_b (left_b^T right_b)^2, through the dense layers' blocked squaring."""
-        self._square_into(self.accumulators[self.names[id(param)]][e], left, right.to(left.dtype))
+        self._square_into(self.names[id(param)], left, right.to(left.dtype), (e,))
 
 
 def tap_experts(

@@ -51,6 +51,7 @@ from mergekit_fisher.estimate.moe import (
     routed_rows,
     tap_experts,
 )
+from mergekit_fisher.estimate.offload import Accumulators, Banked
 from mergekit_fisher.estimate.taps import BatchState, tap
 
 SUPPORTED = (
@@ -186,7 +187,7 @@ def find_layers(model: nn.Module) -> list[NodeLayer]:
     ]
 
 
-class NodeCollector:
+class NodeCollector(Banked):
     """Taps the inputs of o_proj (heads) and down_proj (neurons); owns per-node accumulators."""
 
     granularity = "nodes"
@@ -210,19 +211,13 @@ class NodeCollector:
         refuse_fused(model, "nodes", _MOE_HINT, owned)
         self.names = {id(p): n for n, p in model.named_parameters()}
         dtype = accumulator_dtype(next(model.parameters()).dtype)
-        self.accumulators: dict[str, torch.Tensor] = {}
+        self.bank = Accumulators()
         for layer in self.layers:
             dev = layer.o.weight.device
-            self.accumulators[f"{layer.prefix}.heads"] = torch.zeros(
-                layer.heads, dtype=dtype, device=dev
-            )
-            self.accumulators[f"{layer.prefix}.kv"] = torch.zeros(
-                layer.kv_heads, dtype=dtype, device=dev
-            )
+            self.bank.declare(f"{layer.prefix}.heads", (layer.heads,), dtype, dev)
+            self.bank.declare(f"{layer.prefix}.kv", (layer.kv_heads,), dtype, dev)
             dev = (layer.moe.experts.down_proj if layer.moe else layer.down.weight).device
-            self.accumulators[f"{layer.prefix}.neurons"] = torch.zeros(
-                layer.neuron_shape, dtype=dtype, device=dev
-            )
+            self.bank.declare(f"{layer.prefix}.neurons", layer.neuron_shape, dtype, dev)
         self._handles: list[Any] = []
 
     def install(self) -> None:
@@ -264,29 +259,30 @@ class NodeCollector:
         """Per example and expert neuron: sum over the rows routed there of a * da."""
         assert layer.moe is not None
         experts, b = layer.moe.experts, self.state.batch_size
-        acc = self.accumulators[f"{layer.prefix}.neurons"]
+        name = f"{layer.prefix}.neurons"
+        spec = self.bank.specs[name]
         t = dy.shape[0] // b
-        s = torch.zeros(b, *acc.shape, dtype=acc.dtype, device=dy.device)  # [B, E, I]
+        s = torch.zeros(b, *spec.shape, dtype=spec.dtype, device=dy.device)  # [B, E, I]
         for e, tok, x_e, dyw in routed_rows(self.state, dy, x, index, weights):
             a = experts._apply_gate(expert_activation(experts, e, x_e))
             da = expert_input_grad(experts, e, dyw, a)
-            s[:, e].index_add_(0, tok // t, a.to(acc.dtype) * da.to(acc.dtype))
-        acc.add_(s.square().sum(0).to(acc.device))
+            s[:, e].index_add_(0, tok // t, a.to(spec.dtype) * da.to(spec.dtype))
+        self.bank.add(name, s.square().sum(0).to(spec.home))
 
     def _backward(self, site: tuple[NodeLayer, str], dx: torch.Tensor, x: torch.Tensor) -> None:
         layer, kind = site
         dx, x = self.state.screen(dx, x)
         b = dx.shape[0]
-        acc = self.accumulators[f"{layer.prefix}.{kind}"]
-        s = (dx.to(acc.dtype) * x.to(acc.dtype)).sum(1)  # [B, width]
-        s = s.to(acc.device)
+        spec = self.bank.specs[f"{layer.prefix}.{kind}"]
+        s = (dx.to(spec.dtype) * x.to(spec.dtype)).sum(1)  # [B, width]
+        s = s.to(spec.home)
         if kind == "neurons":
-            acc.add_(s.square().sum(0))
+            self.bank.add(f"{layer.prefix}.neurons", s.square().sum(0))
             return
         per_head = s.view(b, layer.heads, layer.head_dim).sum(2)
-        acc.add_(per_head.square().sum(0))
+        self.bank.add(f"{layer.prefix}.heads", per_head.square().sum(0))
         per_kv = per_head.view(b, layer.kv_heads, layer.heads // layer.kv_heads).sum(2)
-        self.accumulators[f"{layer.prefix}.kv"].add_(per_kv.square().sum(0))
+        self.bank.add(f"{layer.prefix}.kv", per_kv.square().sum(0))
 
     # ----------------------------------------------------------------- results
     def node_values(self, count: float) -> dict[str, torch.Tensor]:

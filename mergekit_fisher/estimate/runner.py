@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from mergekit_fisher.estimate import checkpoint, distributed
+from mergekit_fisher.estimate import budget, checkpoint, distributed
 from mergekit_fisher.estimate.config import EstimateConfig, EstimateError, parse_dtype, run_hash
 from mergekit_fisher.estimate.engine import BatchOutcome, collate, input_device, run_batch
 from mergekit_fisher.estimate.gram import GramCollector
@@ -62,11 +62,35 @@ def _order(examples: Sequence[Example]) -> list[int]:
 
 
 def make_collector(model: nn.Module, state: BatchState, config: EstimateConfig) -> Any:
+    """The statistic's collector, its accumulators placed by the memory plan (``plans``: one
+    per planned device; none without ``max_gpu_memory``), checkpointing on if a plan says so."""
     if config.statistic == "gram":
-        return GramCollector(model, state)
-    if config.granularity == "nodes":
-        return NodeCollector(model, state, mapping=config.node_mapping, kv_heads=config.kv_heads)
-    return MoeFullCollector(model, state, chunk_bytes=config.chunk_bytes)
+        collector: Any = GramCollector(model, state)
+    elif config.granularity == "nodes":
+        collector = NodeCollector(
+            model, state, mapping=config.node_mapping, kv_heads=config.kv_heads
+        )
+    else:
+        collector = MoeFullCollector(model, state, chunk_bytes=config.chunk_bytes)
+    collector.plans = budget.plan_devices(model, collector.bank.specs, config)
+    for plan in collector.plans:
+        plan.log()
+        if not plan.fits and plan.device != "cpu":
+            raise EstimateError(_does_not_fit(plan, config))
+    if any(p.checkpointing for p in collector.plans) and not config.gradient_checkpointing:
+        enable_checkpointing(model)
+    collector.bank.allocate({name for p in collector.plans for name in p.offloaded})
+    return collector
+
+
+def _does_not_fit(plan: budget.MemoryPlan, config: EstimateConfig) -> str:
+    need = plan.bytes["weights"] + plan.bytes["activations"] + plan.bytes["logits"]
+    return (
+        f"--max-gpu-memory {config.max_gpu_memory}: {plan.device} needs "
+        f"{need / budget.GIB:.1f} GiB for weights, activations and logits of a batch of "
+        f"{config.batch_size} x {config.max_length} tokens even with every accumulator in CPU "
+        "memory: lower --batch-size or --max-length, or spread the model with --device-map auto"
+    )
 
 
 def prepare_model(model: nn.Module, config: EstimateConfig) -> nn.Module:
@@ -76,25 +100,29 @@ def prepare_model(model: nn.Module, config: EstimateConfig) -> nn.Module:
     model.requires_grad_(False)
     eager_experts_in_float64(model)
     if config.gradient_checkpointing:
-        if not getattr(model, "supports_gradient_checkpointing", False):
-            raise EstimateError(
-                f"{type(model).__name__} does not support gradient checkpointing: drop "
-                "--gradient-checkpointing"
-            )
-        enable = getattr(model, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable({"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
-        model.eval()
-        # transformers checkpoints a layer only in training mode; flip just the layers (not
-        # their children), so dropout stays off everywhere.
-        for module in model.modules():
-            if getattr(module, "gradient_checkpointing", False):
-                module.training = True
+        enable_checkpointing(model)
     return model
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing (the taps save through ``save_for_backward``,
+    so the recompute hands them the same tensors), dropout still off."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise EstimateError(
+            f"{type(model).__name__} does not support gradient checkpointing: drop "
+            "--gradient-checkpointing"
+        )
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.eval()
+    # transformers checkpoints a layer only in training mode; flip just the layers (not
+    # their children), so dropout stays off everywhere.
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False):
+            module.training = True
 
 
 def compute_fisher(
@@ -145,6 +173,7 @@ def compute_fisher(
                     seed=config.seed,
                     skip_nonfinite=config.skip_nonfinite,
                     describe=describe,
+                    chunk_bytes=config.chunk_bytes,
                 )
             counted += outcome.counted
             tokens += outcome.tokens
@@ -197,14 +226,8 @@ def _load_model(
     }
     if config.device_map == "auto":
         kwargs["device_map"] = "auto"
-        if ctx.enabled and device.type == "cuda":
-            # Each rank spreads its model copy over its own slice of the node's GPUs.
-            per_rank = max(torch.cuda.device_count() // max(ctx.local_world_size, 1), 1)
-            first = (ctx.local_rank * per_rank) % torch.cuda.device_count()
-            kwargs["max_memory"] = {
-                i: torch.cuda.get_device_properties(i).total_memory
-                for i in range(first, first + per_rank)
-            }
+        if device.type == "cuda" and (ctx.enabled or config.gpu_budget is not None):
+            kwargs["max_memory"] = _max_memory(ref, config, dtype, ctx)
     try:
         with _transformers_bars(config.progress):
             model = AutoModelForCausalLM.from_pretrained(ref, **kwargs)
@@ -217,6 +240,34 @@ def _load_model(
     if config.device_map is None:
         model.to(device)
     return model
+
+
+def _max_memory(
+    ref: str, config: EstimateConfig, dtype: torch.dtype, ctx: distributed.DistContext
+) -> dict[int, int]:
+    """accelerate's ``max_memory`` for the weights: this rank's slice of the node's GPUs (each
+    rank spreads its own model copy), each capped at the budget less the run's working set."""
+    count = torch.cuda.device_count()
+    per_rank = max(count // max(ctx.local_world_size, 1), 1) if ctx.enabled else count
+    first = (ctx.local_rank * per_rank) % count if ctx.enabled else 0
+    caps = {
+        i: torch.cuda.get_device_properties(i).total_memory for i in range(first, first + per_rank)
+    }
+    limit = config.gpu_budget
+    if limit is not None:
+        from transformers import AutoConfig
+
+        model_config = AutoConfig.from_pretrained(
+            ref, revision=config.revision, trust_remote_code=config.trust_remote_code
+        )
+        dims = budget.config_dims(model_config, 0, dtype.itemsize)
+        work = budget.workload(config, can_checkpoint=True)
+        reserve = budget.reserve_bytes(dims, work) + int(limit * budget.HEADROOM)
+        caps = {i: max(min(cap, limit - reserve), 0) for i, cap in caps.items()}
+        LOG.info(
+            "weights placed with max_memory %s (budget less %.1f GiB)", caps, reserve / budget.GIB
+        )
+    return caps
 
 
 @contextmanager
@@ -573,6 +624,8 @@ def _estimator_metadata(
         "world_size": ctx.world_size,
         "mergekit_fisher_version": __version__,
     }
+    if run.collector.plans:
+        estimator["memory_plan"] = {p.device: p.to_json() for p in run.collector.plans}
     if config.granularity == "nodes":
         estimator["node_mapping"] = config.node_mapping
         estimator["kv_heads"] = config.kv_heads
