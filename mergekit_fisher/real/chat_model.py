@@ -18,9 +18,9 @@ import torch
 from tqdm.auto import tqdm
 
 from mergekit_fisher.data import Batch, Example, load_calibration_data, pad_batch
-from mergekit_fisher.demo.chat_tasks import Problem, write_jsonl
 from mergekit_fisher.demo.evaluate import TaskScore
 from mergekit_fisher.demo.train import TrainSettings, optimizer_step
+from mergekit_fisher.real.chat_tasks import Problem, write_jsonl
 
 LOG = logging.getLogger(__name__)
 

