@@ -160,6 +160,58 @@ def test_exact_match_counts_rows_whose_every_target_is_the_argmax() -> None:
     assert objective([scored, other], "exact") == pytest.approx(1 - (0.5 + 1.0) / 2)
 
 
+def _greedy(model, ids: list[int], steps: int) -> list[int]:  # type: ignore[no-untyped-def]
+    with torch.no_grad():
+        for _ in range(steps):
+            ids = [*ids, int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())]
+    return ids[-steps:]
+
+
+def test_shared_prompt_prefix_is_cached_and_scores_equal_the_plain_forward(
+    tmp_path: Path, tiny_llama
+) -> None:  # type: ignore[no-untyped-def]
+    """Chat rows sharing a system prompt: the cached prefix and target-only output layer give
+    each row's plain, unpadded forward's loss and greedy exact match. Half the answers are the
+    model's own greedy continuation, so exact match is not trivially zero."""
+    from conftest import make_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from mergekit_fisher.data import load_calibration_data
+    from mergekit_fisher.search.score import score_source, shared_prefix
+
+    tok = make_tokenizer()  # a template without end-of-turn tokens: targets are the answers
+    tok.chat_template = tok.chat_template.replace("{{ eos_token }}", "")
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    system = {"role": "system", "content": "answer with the sum, nothing else."}
+    rows = []
+    for i, question in enumerate(["12+34", "1+1", "7+80", "5+5", "9+0", "3+4", "2+2", "8+1"]):
+        chat = [system, {"role": "user", "content": question}]
+        prompt = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        (own,) = _greedy(model, tok(prompt, add_special_tokens=False)["input_ids"], 1)
+        char = tok.convert_ids_to_tokens(own)
+        answer = char if i % 2 == 0 and char not in tok.all_special_tokens else "46"
+        rows.append({"messages": [*chat, {"role": "assistant", "content": answer}]})
+    path = tmp_path / "sums.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = load_calibration_data([str(path)], tok)
+    assert shared_prefix(data.examples) >= len(system["content"])  # the cache path is taken
+    nll, exact = 0.0, 0
+    with torch.no_grad():
+        for ex in data.examples:  # the reference: each row alone, every position's logits
+            ids = torch.tensor([ex.input_ids])
+            logits = model(input_ids=ids).logits[0, :-1]
+            targets = torch.tensor(ex.target_mask[1:])
+            labels = ids[0, 1:]
+            logp = torch.log_softmax(logits.double(), -1).gather(-1, labels[:, None])[:, 0]
+            nll -= float(logp[targets].sum())
+            exact += bool((logits.argmax(-1) == labels)[targets].all())
+    assert 0 < exact < len(rows)
+    scored = score_source(model, "sums", data, tok.pad_token_id, batch_size=4)
+    assert scored.tokens == data.num_tokens and scored.rows == len(rows)
+    assert scored.nll == pytest.approx(nll, rel=1e-5)
+    assert scored.exact == exact
+
+
 def test_exact_objective_ties_go_to_the_lower_task_loss() -> None:
     from mergekit_fisher.search.candidates import Candidate
     from mergekit_fisher.search.run import Scored, best_of
