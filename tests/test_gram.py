@@ -175,3 +175,33 @@ def test_gpt2_conv1d_is_refused_in_one_line(tmp_path: Path, data_file: Path) -> 
     assert result.exit_code == 1 and last.startswith("error: "), result.output
     assert "Conv1D" in last and "--statistic fisher" in last
     assert not (tmp_path / "g").exists()
+
+
+def test_gram_rows_upcast_unless_tensor_cores_apply() -> None:
+    """CPU rows (any dtype) and float32 CUDA rows are multiplied in the accumulator's dtype;
+    only half-precision CUDA rows keep their dtype (then ``out_dtype=float32``)."""
+    from mergekit_fisher.estimate.gram import gram_rows, tensor_core_gram
+
+    rows = torch.randn(4, 3).bfloat16()
+    assert gram_rows(rows, torch.float32).dtype == torch.float32
+    assert not tensor_core_gram(rows, torch.float32)
+    assert not tensor_core_gram(rows.float(), torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_gram_on_tensor_cores_equals_the_float32_product(
+    tmp_path: Path, data_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bf16 model's Grams on tensor cores (bf16 in, float32 out) equal the float32 product
+    of the upcast rows up to summation order."""
+    from mergekit_fisher.estimate import EstimateConfig, estimate_fisher
+    from mergekit_fisher.estimate import gram as gram_module
+
+    path = save_tiny_model(tmp_path / "m", seed=3)
+    config = EstimateConfig(statistic="gram", device="cuda", dtype="bfloat16", progress=False)
+    fast = estimate_fisher(path, [data_file], tmp_path / "fast", config)
+    monkeypatch.setattr(gram_module, "tensor_core_gram", lambda rows, dtype: False)
+    slow = estimate_fisher(path, [data_file], tmp_path / "slow", config)
+    for key in set(fast.config["consumers"].values()):
+        torch.testing.assert_close(fast.get(key), slow.get(key), rtol=1e-5, atol=1e-6)

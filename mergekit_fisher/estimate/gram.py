@@ -123,7 +123,9 @@ class GramCollector(Banked):
                 n, dtype = rows.shape[1], accumulator_dtype(rows.dtype)
                 self.bank.declare(seen[1], (n, n), dtype, rows.device)
             else:
-                add_upper(self.bank, seen[1], rows.to(spec.dtype), self._scratch)
+                add_upper(
+                    self.bank, seen[1], gram_rows(rows, spec.dtype), self._scratch, spec.dtype
+                )
         self.consumers[f"{name}.weight"] = seen[1]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
@@ -155,16 +157,42 @@ class GramCollector(Banked):
         return {name: self._params[name] for name in self.consumers}
 
 
-def add_upper(bank: Accumulators, key: str, rows: torch.Tensor, scratch: Scratch) -> None:
+def tensor_core_gram(rows: torch.Tensor, acc_dtype: torch.dtype) -> bool:
+    """Whether rows^T rows can run on CUDA tensor cores in the rows' own half precision with
+    a float32 result (``torch.mm(..., out_dtype=float32)``): the products of two bf16/fp16
+    values are exact in float32 and the sum is float32 either way, so this equals the float32
+    product of upcast rows up to summation order, at several times float32's speed."""
+    return (
+        rows.is_cuda
+        and rows.dtype in (torch.bfloat16, torch.float16)
+        and acc_dtype == torch.float32
+    )
+
+
+def gram_rows(rows: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:
+    """The rows as ``add_upper`` multiplies them: as they are for tensor cores, else upcast."""
+    return rows if tensor_core_gram(rows, acc_dtype) else rows.to(acc_dtype)
+
+
+def add_upper(
+    bank: Accumulators,
+    key: str,
+    rows: torch.Tensor,
+    scratch: Scratch,
+    acc_dtype: torch.dtype = torch.float32,
+) -> None:
     """Gram ``key`` += rows^T rows on and above the diagonal, a block of ``SYMMETRIC_BLOCK``
-    rows at a time: each block's product goes into one reused scratch block (no [in, in]
-    temporary) and is added to the accumulator, resident or offloaded alike; below the
-    diagonal is left as it was."""
+    rows at a time: each block's product goes into one reused ``acc_dtype`` scratch block (no
+    [in, in] temporary) and is added to the accumulator, resident or offloaded alike; below the
+    diagonal is left as it was. Half-precision CUDA rows multiply on tensor cores
+    (``tensor_core_gram``); other rows must already be in ``acc_dtype``."""
     n = rows.shape[1]
+    dtype = acc_dtype if tensor_core_gram(rows, acc_dtype) else rows.dtype
+    extra = {"out_dtype": dtype} if dtype != rows.dtype else {}
     for i in range(0, n, SYMMETRIC_BLOCK):
         j = min(i + SYMMETRIC_BLOCK, n)
-        block = scratch.get("gram", (j - i) * (n - i), rows.dtype, rows.device)
-        torch.mm(rows[:, i:j].T, rows[:, i:], out=block.view(j - i, n - i))
+        block = scratch.get("gram", (j - i) * (n - i), dtype, rows.device)
+        torch.mm(rows[:, i:j].T, rows[:, i:], out=block.view(j - i, n - i), **extra)
         bank.add(key, block.view(j - i, n - i), (slice(i, j), slice(i, None)))
 
 
