@@ -4,7 +4,6 @@ lines and metadata, one-line errors; CUDA versions against the naive references.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -136,32 +135,6 @@ def test_offloaded_run_is_bit_identical(case: str, tie: bool) -> None:
     assert set(plain.fisher) == set(budgeted.fisher)
     for name, value in plain.fisher.items():
         assert torch.equal(budgeted.fisher[name], value), name
-
-
-def test_resume_with_offloaded_accumulators(tiny_llama: Path, tmp_path: Path) -> None:
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"text": t + " " + t}) + "\n" for t in TEXTS * 2))
-    common = dict(batch_size=2, store_dtype="float32", progress=False, seed=5)
-    plain = estimate_fisher(tiny_llama, data, tmp_path / "plain", **common)
-
-    class Killed(Exception):
-        pass
-
-    def kill_after_three(progress):  # type: ignore[no-untyped-def]
-        if progress.batches == 3:
-            raise Killed
-
-    out, small = tmp_path / "offloaded", dict(common, max_gpu_memory="1KiB")
-    with pytest.raises(Killed):
-        estimate_fisher(
-            tiny_llama, data, out, checkpoint_every=2, callback=kill_after_three, **small
-        )
-    resumed = estimate_fisher(tiny_llama, data, out, resume=True, **small)
-    for name in plain.names:
-        assert torch.equal(resumed.get(name), plain.get(name)), name
-    plan = resumed.config["estimator"]["memory_plan"]["cpu"]
-    assert plan["max_gpu_memory"] == 1024 and plan["resident_accumulators"] == 0
-    assert "memory_plan" not in plain.config["estimator"]
 
 
 # --------------------------------------------------------------------------- CLI

@@ -187,10 +187,15 @@ def test_cli_estimate_writes_a_bound_store(model_dir: Path, tmp_path: Path) -> N
     assert again.output.count("\n") == 1 and "--overwrite" in again.output
 
 
-def test_resume_after_a_kill_equals_an_uninterrupted_run(model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("budget", [None, "1KiB"])
+def test_resume_after_a_kill_equals_an_uninterrupted_run(
+    model_dir: Path, tmp_path: Path, budget: str | None
+) -> None:
+    """Also with every accumulator offloaded to CPU memory by a memory budget (1 KiB)."""
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": t + " " + t} for t in TEXTS * 2])
     common = dict(batch_size=2, store_dtype="float32", progress=False, seed=5)
     full = estimate_fisher(model_dir, data, tmp_path / "full", **common)
+    common["max_gpu_memory"] = budget
 
     class Killed(Exception):
         pass
@@ -218,6 +223,10 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(model_dir: Path, tmp_pa
     for name in full.names:
         assert torch.equal(resumed.get(name), full.get(name)), name
     assert resumed.config["estimator"]["num_sequences"] == full.config["estimator"]["num_sequences"]
+    assert "memory_plan" not in full.config["estimator"]
+    if budget is not None:
+        plan = resumed.config["estimator"]["memory_plan"]["cpu"]
+        assert plan["max_gpu_memory"] == 1024 and plan["resident_accumulators"] == 0
 
 
 def test_nonfinite_example_is_named_or_skipped(tmp_path: Path) -> None:
