@@ -12,7 +12,14 @@ Everything is cached under --workdir by seed (experts, stores, one JSON line per
 so an interrupted run resumes and new rows cost only their own merges. Tasks, splits and fine-tune
 settings were fixed before any merge was scored (mergekit_fisher/real/chat_tasks.py).
 
+``--calibration`` says what the stores are estimated on (mergekit_fisher/real/calibration.py):
+``own`` (each expert's own task, the default), ``shared`` (one set for every expert of a setting,
+drawn equally from its tasks) or ``generic`` (one set of everyday chat answered by the base
+model, none of the tasks), every set as large as one ``own`` set. The experts are the same for
+every kind; stores, scores and search records of ``shared``/``generic`` carry the kind's name.
+
     python scripts/bench_quality_real.py --workdir /tmp/real --seeds 0 1 2
+    python scripts/bench_quality_real.py --workdir /tmp/real --calibration generic shared
     python scripts/bench_quality_real.py --workdir /tmp/real --report   # tables from the cache
 
 A row is a method (``fisher_nodes``: node stores), optionally with shared parameters
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import logging
 import statistics
@@ -36,7 +44,7 @@ from typing import Any
 import torch
 import yaml
 
-from mergekit_fisher.real import chat_model, chat_tasks, smollm2
+from mergekit_fisher.real import calibration, chat_model, chat_tasks, smollm2
 
 LOG = logging.getLogger("bench_quality_real")
 
@@ -71,11 +79,17 @@ STORES = {
 SIZES = {"train": 480, "calib": 64, "valid": 64, "eval": 100}
 
 
-def scores_path(args: argparse.Namespace, seed: int) -> Path:
-    """One seed's scores on the split being scored; a split of another size has its own file."""
+def scores_path(args: argparse.Namespace, seed: int, kind: calibration.Kind) -> Path:
+    """One seed's scores on the split being scored with one calibration kind; a split of
+    another size has its own file, and so has every kind but ``own`` (its files predate them)."""
     n = split_size(args, args.split)
     size = "" if n == SIZES[args.split] else str(n)
-    return args.workdir / f"seed{seed}" / f"scores-{args.split}{size}.jsonl"
+    return args.workdir / f"seed{seed}" / f"scores-{args.split}{size}{_suffix(kind)}.jsonl"
+
+
+def _suffix(kind: calibration.Kind) -> str:
+    """What a cached file of calibration ``kind`` adds to its name: nothing for ``own``."""
+    return "" if kind == "own" else f"-{kind}"
 
 
 def split_size(args: argparse.Namespace, split: str) -> int:
@@ -120,23 +134,32 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="valid problems per task scored with --split valid (a superset of the 64 that "
         "search and the stores' checks use), into scores-valid<N>.jsonl; to choose defaults",
     )
+    p.add_argument(
+        "--calibration",
+        nargs="+",
+        default=["own"],
+        choices=calibration.KINDS,
+        help="what the stores are estimated on: each expert's own task (own), one set drawn "
+        "from all the setting's tasks (shared), everyday chat answered by the base (generic)",
+    )
     p.add_argument("--report", action="store_true", help="only print the tables from the cache")
     p.add_argument("--chart", type=Path, help="also draw normalized EM per method (PNG)")
     return p.parse_args(argv)
 
 
 class Bench:
-    """One seed's cached experiment: data, experts, stores, merges, scores."""
+    """One seed's cached experiment with one calibration kind: data, experts, stores, merges,
+    scores."""
 
-    def __init__(self, args: argparse.Namespace, seed: int):
+    def __init__(self, args: argparse.Namespace, seed: int, kind: calibration.Kind):
         from transformers import AutoTokenizer
 
-        self.args, self.seed = args, seed
+        self.args, self.seed, self.kind = args, seed, kind
         self.root = args.workdir / f"seed{seed}"
         self.root.mkdir(parents=True, exist_ok=True)
         self.base = smollm2.model_dir(args.workdir / "cache")
         self.tokenizer = AutoTokenizer.from_pretrained(self.base)
-        self.scores_file = scores_path(args, seed)
+        self.scores_file = scores_path(args, seed, kind)
 
     def data(self, task: str, split: str) -> Path:
         path = self.root / "data" / f"{task}-{split}.jsonl"
@@ -144,6 +167,37 @@ class Bench:
             items = chat_tasks.problems(task, split, SIZES[split], seed=self.seed)
             chat_tasks.write_jsonl(items, path)
         return path
+
+    def calibration_set(self, tasks: Sequence[str]) -> str:
+        """The name of the set every expert of a merge of ``tasks`` is measured on; empty for
+        ``own``, whose set is each expert's own calib split."""
+        names = {"own": "", "shared": "shared-" + "+".join(tasks), "generic": "generic"}
+        return names[self.kind]
+
+    def calib(self, task: str, tasks: Sequence[str]) -> Path:
+        """The calibration file of ``task``'s expert in a merge of ``tasks``: its own calib
+        split, or the kind's set, built once per seed (``SIZES["calib"]`` problems either way)."""
+        name = self.calibration_set(tasks)
+        if not name:
+            return self.data(task, "calib")
+        path = self.root / "data" / f"calib-{name}.jsonl"
+        if not path.exists():
+            n = SIZES["calib"]
+            items = (
+                calibration.shared(tasks, n, self.seed)
+                if self.kind == "shared"
+                else calibration.generic(self.base_answers, n, self.seed)
+            )
+            chat_tasks.write_jsonl(items, path)
+        return path
+
+    def base_answers(self, items: Sequence[chat_tasks.Problem]) -> list[str]:
+        """The base model's own greedy replies: generic chat in the model's voice."""
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(self.base, dtype=torch.float32)
+        model.to(self.args.device)
+        return calibration.greedy_answers(model, self.tokenizer, items)
 
     def expert(self, task: str) -> Path:
         out = self.root / f"expert-{task}"
@@ -163,8 +217,10 @@ class Bench:
         tmp.rename(out)
         return out
 
-    def store(self, task: str, kind: str) -> Path:
-        out = self.root / f"store-{task}-{kind}"
+    def store(self, task: str, kind: str, tasks: Sequence[str]) -> Path:
+        """``task``'s expert's store of ``kind`` (full, nodes, gram) on its calibration set in
+        a merge of ``tasks``; a shared or generic set's name is in the directory's."""
+        out = self.root / "-".join(filter(None, ("store", task, kind, self.calibration_set(tasks))))
         if (out / "fisher_config.json").exists():
             return out
         from mergekit_fisher import estimate_fisher
@@ -172,7 +228,7 @@ class Bench:
         statistic = {"statistic": "gram"} if kind == "gram" else {"granularity": kind}
         estimate_fisher(
             model=str(self.expert(task)),
-            data=[str(self.data(task, "calib"))],
+            data=[str(self.calib(task, tasks))],
             out=str(out),
             max_length=128,
             batch_size=8,
@@ -196,7 +252,7 @@ class Bench:
         for task, expert in zip(tasks, experts):
             params: dict[str, Any] = {"weight": 1.0}
             if row in STORES:
-                params[key] = str(self.store(task, STORES[row]))
+                params[key] = str(self.store(task, STORES[row], tasks))
             if row in TRIMS:
                 params["density"] = TRIMS[row]
             models.append({"model": expert, "parameters": params})
@@ -214,15 +270,15 @@ class Bench:
         a later scoring of the same search (a larger eval split)."""
         from mergekit_fisher.search import parse_methods, report, search
 
-        record = self.root / f"search-{len(tasks)}-experts-{methods}.json"
+        record = self.root / f"search-{len(tasks)}-experts-{methods}{_suffix(self.kind)}.json"
         if record.exists():
             return json.loads(record.read_text())["best_recipe"]
         models = [
             {
                 "model": str(self.expert(t)),
                 "parameters": {
-                    "fisher": str(self.store(t, "full")),
-                    "gram": str(self.store(t, "gram")),
+                    "fisher": str(self.store(t, "full", tasks)),
+                    "gram": str(self.store(t, "gram", tasks)),
                 },
             }
             for t in tasks
@@ -236,7 +292,7 @@ class Bench:
             device=self.args.device,
             scratch=self.root,
         )
-        LOG.info("seed %d search picked %s", self.seed, result.best.label())
+        LOG.info("seed %d %s search picked %s", self.seed, self.kind, result.best.label())
         record.write_text(json.dumps(report(result), indent=1))
         return result.best_recipe
 
@@ -260,9 +316,10 @@ class Bench:
         with self.scores_file.open("a") as f:
             f.write(json.dumps(result) + "\n")
         LOG.info(
-            "seed %d %s %s: %s",
+            "seed %d %s, %s calibration, %s: %s",
             self.seed,
             setting,
+            self.kind,
             row,
             {t: round(result[t]["accuracy"], 3) for t in tasks},
         )
@@ -304,13 +361,19 @@ def normalized(
     )
 
 
-def collect(args: argparse.Namespace) -> dict[str, dict[str, dict[str, list[float]]]]:
-    """setting -> row -> {"norm": [per seed], task: [per seed accuracy]} from the cache."""
-    found: dict[str, dict[str, dict[str, list[float]]]] = {}
-    for setting in args.settings:
+Section = tuple[str, calibration.Kind]
+"""A table of the report: (setting, calibration kind)."""
+Found = dict[Section, dict[str, dict[str, list[float]]]]
+
+
+def collect(args: argparse.Namespace) -> Found:
+    """(setting, kind) -> row -> {"norm": [per seed], task: [per seed accuracy]} from the
+    cache."""
+    found: Found = {}
+    for setting, kind in itertools.product(args.settings, args.calibration):
         tasks = SETTINGS[setting]
         for seed in args.seeds:
-            path = scores_path(args, seed)
+            path = scores_path(args, seed, kind)
             if not path.exists():
                 continue
             results = {
@@ -322,7 +385,7 @@ def collect(args: argparse.Namespace) -> dict[str, dict[str, dict[str, list[floa
             if any(v is None for v in experts.values()):
                 continue
             for row, result in results.items():
-                cell = found.setdefault(setting, {}).setdefault(row, {})
+                cell = found.setdefault((setting, kind), {}).setdefault(row, {})
                 cell.setdefault("seed", []).append(seed)
                 cell.setdefault("norm", []).append(normalized(result, experts, tasks))  # type: ignore[arg-type]
                 cell.setdefault("loss", []).append(
@@ -339,16 +402,23 @@ def _mean(values: list[float]) -> str:
     return f"{statistics.fmean(values):.3f}{spread}"
 
 
-def report(found: dict[str, dict[str, dict[str, list[float]]]]) -> str:
-    """Markdown tables: per setting, each row's EM per task and normalized EM (mean ± std over
-    the seeds it has), then the verdict lines."""
+def title(section: Section) -> str:
+    """A section's name in headers and verdict lines: ``2 experts, generic calibration``."""
+    setting, kind = section
+    return f"{setting}, {kind} calibration"
+
+
+def report(found: Found) -> str:
+    """Markdown tables: per setting and calibration kind, each row's EM per task and normalized
+    EM (mean ± std over the seeds it has), then the verdict lines."""
     lines = []
-    for setting, rows in found.items():
-        tasks = SETTINGS[setting]
+    for section, rows in found.items():
+        tasks = SETTINGS[section[0]]
         seeds = max(len(cell["norm"]) for cell in rows.values())
         per_task = min(min(cell["problems"]) for cell in rows.values())
+        about = f"{', '.join(tasks)}; {seeds} seed(s); {per_task} problems a task"
         lines += [
-            f"\n### {setting} ({', '.join(tasks)}; {seeds} seed(s); {per_task} problems a task)\n",
+            f"\n### {title(section)} ({about})\n",
             "| model | "
             + " | ".join(f"EM {t}" for t in tasks)
             + " | answer loss | norm EM | seeds |",
@@ -361,7 +431,7 @@ def report(found: dict[str, dict[str, dict[str, list[float]]]]) -> str:
                 f"| {row} | " + " | ".join(cells) + f" | {loss} | {_mean(rows[row]['norm'])} | "
                 f"{len(rows[row]['norm'])} |"
             )
-        lines += ["", *verdict(setting, rows)]
+        lines += ["", *verdict(title(section), rows)]
     return "\n".join(lines)
 
 
@@ -373,8 +443,9 @@ def _family(row: str) -> str:
     return "ours" if name.removesuffix("_nodes") in OUR_ROWS else "mergekit"
 
 
-def verdict(setting: str, rows: dict[str, dict[str, list[float]]]) -> list[str]:
-    """Issue 12's checks: our best method vs mergekit's best at defaults and vs
+def verdict(name: str, rows: dict[str, dict[str, list[float]]]) -> list[str]:
+    """Issue 12's checks within one section ``name`` (a setting and calibration kind, issue
+    23's goals per kind): our best method vs mergekit's best at defaults and vs
     task_arithmetic (rows with every seed), and the searched merge vs mergekit's best (over the
     seeds it has): mean paired difference and seeds ahead."""
     merges = {r: c for r, c in rows.items() if r != "base" and not r.startswith("expert")}
@@ -401,18 +472,18 @@ def verdict(setting: str, rows: dict[str, dict[str, list[float]]]) -> list[str]:
 
     theirs = best("mergekit")
     lines = [
-        f"- {setting}: our best vs mergekit's best at defaults: {versus(best('ours'), theirs)}",
-        f"- {setting}: our best vs task_arithmetic: {versus(best('ours'), 'task_arithmetic')}",
+        f"- {name}: our best vs mergekit's best at defaults: {versus(best('ours'), theirs)}",
+        f"- {name}: our best vs task_arithmetic: {versus(best('ours'), 'task_arithmetic')}",
     ]
     if "searched" in per_seed:
-        lines.append(f"- {setting}: searched vs mergekit's best: {versus('searched', theirs)}")
+        lines.append(f"- {name}: searched vs mergekit's best: {versus('searched', theirs)}")
     return lines
 
 
-def chart(found: dict[str, dict[str, dict[str, list[float]]]], path: Path) -> None:
+def chart(found: Found, path: Path) -> None:
     """Horizontal bars of normalized EM per merge row at its defaults (± std over seeds), one
-    panel per setting: ours orange, mergekit's grey, ``searched`` blue. Parameter variants
-    (``row:k=v``) stay in the tables."""
+    panel per setting and calibration kind: ours orange, mergekit's grey, ``searched`` blue.
+    Parameter variants (``row:k=v``) stay in the tables."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -420,7 +491,7 @@ def chart(found: dict[str, dict[str, dict[str, list[float]]]], path: Path) -> No
     from matplotlib.patches import Patch
 
     fig, axes = plt.subplots(1, len(found), figsize=(6 * len(found), 6), squeeze=False)
-    for ax, (setting, rows) in zip(axes[0], found.items()):
+    for ax, (section, rows) in zip(axes[0], found.items()):
         merges = [r for r in rows if r != "base" and not r.startswith("expert") and ":" not in r]
         merges.sort(key=lambda r: statistics.fmean(rows[r]["norm"]))
         means = [statistics.fmean(rows[r]["norm"]) for r in merges]
@@ -430,7 +501,7 @@ def chart(found: dict[str, dict[str, dict[str, list[float]]]], path: Path) -> No
         colors = {"ours": "tab:orange", "mergekit": "tab:gray", "searched": "tab:blue"}
         ax.barh(merges, means, xerr=spread, color=[colors[_family(r)] for r in merges])
         ax.axvline(1.0, color="black", linewidth=0.8)
-        ax.set_title(f"SmolLM2-135M-Instruct, {setting}")
+        ax.set_title(f"SmolLM2-135M-Instruct, {title(section)}")
         ax.set_xlabel("normalized exact match (1 = every expert kept)")
     handles = [Patch(color=c, label=f) for f, c in colors.items()]
     axes[0][-1].legend(handles=handles, loc="lower right")
@@ -443,8 +514,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     if not args.report:
-        for seed in args.seeds:
-            Bench(args, seed).run()
+        for seed, kind in itertools.product(args.seeds, args.calibration):
+            Bench(args, seed, kind).run()
     found = collect(args)
     print(report(found))
     if args.chart and found:
