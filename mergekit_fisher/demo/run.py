@@ -202,13 +202,10 @@ def recipe(
 def _search_inputs(
     base: Path, experts: Sequence[Path], stores: Mapping[str, Sequence[Path]]
 ) -> dict[str, Any]:
-    """What ``search --methods`` starts from: the base and each expert with every store it has
-    (``full`` Fisher and ``gram``); each candidate method takes what it needs."""
-    models = [
-        {"model": str(e), "parameters": {"fisher": str(f), "gram": str(g)}}
-        for e, f, g in zip(experts, stores["full"], stores["gram"], strict=True)
-    ]
-    return {"base_model": str(base), "models": models, "dtype": "float32"}
+    """What ``search --methods`` starts from (``real.pipeline.search_inputs``)."""
+    from mergekit_fisher.real.pipeline import search_inputs
+
+    return search_inputs(base, experts, stores["full"], stores["gram"])
 
 
 def recipe_text(config: Mapping[str, Any]) -> str:
@@ -584,7 +581,7 @@ class _RegimeRun:
         return merges, searches
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {"python": platform.python_version(), "platform": platform.platform()}
@@ -659,7 +656,6 @@ def run_demo(
         if on_seed is not None:
             on_seed(result)
     per_seed.sort(key=lambda r: r["seed"])
-    versions = _versions()
     regimes: dict[str, Any] = {}
     for regime in settings.regimes:
         seeds = [s["regimes"][regime] for s in per_seed]
@@ -679,7 +675,7 @@ def run_demo(
         "seeds": [{k: s[k] for k in ("seed", "shared_timings_s", "wall_time_s")} for s in per_seed],
         "regimes": regimes,
         "skipped": skipped,
-        "versions": versions,
+        "versions": versions(),
     }
     report["wall_time_s"] = round(time.perf_counter() - start, 2)
     save(report, out)

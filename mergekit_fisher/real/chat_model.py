@@ -12,6 +12,7 @@ import math
 import random
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,6 +24,14 @@ from mergekit_fisher.demo.train import TrainSettings, optimizer_step
 from mergekit_fisher.real.chat_tasks import Problem, write_jsonl
 
 LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ChatScore(TaskScore):
+    """A ``TaskScore`` with each item's exact-match hit, in item order: paired comparisons
+    (a bootstrap over problems) need to know which problems each model got right."""
+
+    hits: tuple[bool, ...] = ()
 
 
 GENTLE = TrainSettings(steps=30, lr=5e-5, batch_size=16, warmup=4)
@@ -110,7 +119,7 @@ def _exact(hits: torch.Tensor, labels: torch.Tensor, batch: Batch, eos_id: int) 
 
 
 @torch.no_grad()
-def score(model: torch.nn.Module, tokenizer, items: Sequence[Problem], scratch: Path) -> TaskScore:  # type: ignore[no-untyped-def]
+def score(model: torch.nn.Module, tokenizer, items: Sequence[Problem], scratch: Path) -> ChatScore:  # type: ignore[no-untyped-def]
     """Greedy exact match and mean answer-token loss on ``items``, from one teacher-forced pass.
 
     Greedy decoding writes the answer and then the end-of-turn token exactly when each of those
@@ -118,11 +127,13 @@ def score(model: torch.nn.Module, tokenizer, items: Sequence[Problem], scratch: 
     (``tests/test_real_model.py`` checks it against ``generate``)."""
     model.eval()
     examples = tokenize(tokenizer, items, scratch)
-    correct, total, count = 0, 0.0, 0
+    hits: list[bool] = []
+    total, count = 0.0, 0
     for start in range(0, len(examples), 32):
         batch = pad_batch(examples[start : start + 32], _pad_id(tokenizer))
         logits, labels = _target_logits(model, batch)
-        correct += sum(_exact(logits.argmax(-1) == labels, labels, batch, tokenizer.eos_token_id))
+        hits += _exact(logits.argmax(-1) == labels, labels, batch, tokenizer.eos_token_id)
         total += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
         count += int(labels.numel())
-    return TaskScore(accuracy=correct / len(items), loss=total / max(count, 1), n=len(items))
+    accuracy = sum(hits) / len(items)
+    return ChatScore(accuracy, loss=total / max(count, 1), n=len(items), hits=tuple(hits))
