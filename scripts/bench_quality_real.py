@@ -8,6 +8,8 @@ score every model by greedy exact match and answer loss on held-out problems. No
 match = each task's exact match / its expert's, averaged over the merged tasks (1.0: every
 expert kept whole).
 
+The steps (fine-tuning an expert, its stores, a method's recipe at its defaults, search, scoring,
+normalized EM) are mergekit_fisher/real/pipeline.py's, the same that `mergekit-fisher demo` runs.
 Everything is cached under --workdir by seed (experts, stores, one JSON line per scored model),
 so an interrupted run resumes and new rows cost only their own merges. Tasks, splits and fine-tune
 settings were fixed before any merge was scored (mergekit_fisher/real/chat_tasks.py).
@@ -42,41 +44,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from mergekit_fisher.real import calibration, chat_model, chat_tasks, smollm2
+from mergekit_fisher.real import calibration, chat_model, chat_tasks, pipeline, smollm2
+from mergekit_fisher.real.pipeline import MERGEKIT_ROWS, OUR_ROWS, SIZES
+from mergekit_fisher.store import write_text_atomic
 
 LOG = logging.getLogger("bench_quality_real")
 
 SETTINGS = {"2 experts": ("acronym", "max"), "4 experts": ("acronym", "max", "pick", "reverse")}
-MERGEKIT_ROWS = (
-    "linear",
-    "task_arithmetic",
-    "ties",
-    "dare_ties",
-    "della",
-    "karcher",
-    "model_stock",
-)
-OUR_ROWS = (
-    "fisher",
-    "fisher_nodes",
-    "regmean",
-    "fisher_arithmetic",
-    "fisher_arithmetic_nodes",
-    "fisher_ties",
-)
-TRIMS = {"ties": 0.5, "dare_ties": 0.5, "della": 0.5}
-"""Density of the trimming methods: mergekit's default (1.0) trims nothing, so its README's 0.5."""
-STORES = {
-    "fisher": "full",
-    "fisher_nodes": "nodes",
-    "regmean": "gram",
-    "fisher_arithmetic": "full",
-    "fisher_arithmetic_nodes": "nodes",
-    "fisher_ties": "full",
-}
-SIZES = {"train": 480, "calib": 64, "valid": 64, "eval": 100}
 
 
 def scores_path(args: argparse.Namespace, seed: int, kind: calibration.Kind) -> Path:
@@ -193,107 +168,65 @@ class Bench:
 
     def base_answers(self, items: Sequence[chat_tasks.Problem]) -> list[str]:
         """The base model's own greedy replies: generic chat in the model's voice."""
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(self.base, dtype=torch.float32)
-        model.to(self.args.device)
+        model = pipeline.load_model(self.base, self.args.device)
         return calibration.greedy_answers(model, self.tokenizer, items)
 
     def expert(self, task: str) -> Path:
-        out = self.root / f"expert-{task}"
-        if (out / "config.json").exists():
-            return out
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(self.base, dtype=torch.float32)
-        model.to(self.args.device)
-        items = chat_tasks.problems(task, "train", SIZES["train"], seed=self.seed)
-        examples = chat_model.tokenize(self.tokenizer, items, self.root)
         settings = dataclasses.replace(chat_model.GENTLE, steps=self.args.steps, lr=self.args.lr)
-        chat_model.finetune(model, examples, settings, self.seed, self.tokenizer.pad_token_id, task)
-        tmp = out.with_name(out.name + ".partial")
-        model.save_pretrained(tmp)  # float32: a gentle fine-tune's task vector is below bf16's ulp
-        self.tokenizer.save_pretrained(tmp)
-        tmp.rename(out)
-        return out
+        return pipeline.finetune_expert(
+            self.base,
+            task,
+            self.root / f"expert-{task}",
+            seed=self.seed,
+            settings=settings,
+            device=self.args.device,
+        )
 
     def store(self, task: str, kind: str, tasks: Sequence[str]) -> Path:
         """``task``'s expert's store of ``kind`` (full, nodes, gram) on its calibration set in
         a merge of ``tasks``; a shared or generic set's name is in the directory's."""
         out = self.root / "-".join(filter(None, ("store", task, kind, self.calibration_set(tasks))))
-        if (out / "fisher_config.json").exists():
+        if (out / "fisher_config.json").exists():  # its calibration set is not needed then
             return out
-        from mergekit_fisher import estimate_fisher
-
-        statistic = {"statistic": "gram"} if kind == "gram" else {"granularity": kind}
-        estimate_fisher(
-            model=str(self.expert(task)),
-            data=[str(self.calib(task, tasks))],
-            out=str(out),
-            max_length=128,
-            batch_size=8,
-            seed=self.seed,
-            device=self.args.device,
-            overwrite=True,
-            progress=False,
-            **statistic,
+        calib = self.calib(task, tasks)
+        return pipeline.estimate_store(
+            self.expert(task), calib, out, kind, seed=self.seed, device=self.args.device
         )
-        return out
 
     def recipe(self, row: str, tasks: Sequence[str]) -> dict[str, Any]:
         """A row is a method name (``_nodes``: node stores), optionally with shared parameters,
         each value read as YAML: ``fisher_arithmetic:gamma=0.2``, ``fisher_ties:normalize=true``."""
-        row, _, extra = row.partition(":")
-        shared = {k: yaml.safe_load(v) for k, v in (kv.split("=") for kv in extra.split(",") if kv)}
-        experts = [str(self.expert(t)) for t in tasks]
-        method = row.removesuffix("_nodes")
-        key = "gram" if method == "regmean" else "fisher"
-        models = []
-        for task, expert in zip(tasks, experts):
-            params: dict[str, Any] = {"weight": 1.0}
-            if row in STORES:
-                params[key] = str(self.store(task, STORES[row], tasks))
-            if row in TRIMS:
-                params["density"] = TRIMS[row]
-            models.append({"model": expert, "parameters": params})
-        recipe: dict[str, Any] = {"merge_method": method, "models": models, "dtype": "float32"}
-        if shared:
-            recipe["parameters"] = shared
-        if method not in ("linear", "karcher", "fisher", "regmean"):
-            recipe["base_model"] = str(self.base)
-        return recipe
+        kind = pipeline.store_kind(row)
+        stores = [self.store(t, kind, tasks) for t in tasks] if kind else []
+        return pipeline.method_recipe(row, self.base, [self.expert(t) for t in tasks], stores)
 
     def searched_recipe(self, methods: str, tasks: Sequence[str]) -> dict[str, Any]:
         """``search --methods`` on each task's valid split (per-task objective): the recipe it
         picks. Every store each method may use is listed; the search chooses. Its report (every
         candidate's per-task valid losses) is kept beside the scores, and its pick is reused by
         a later scoring of the same search (a larger eval split)."""
-        from mergekit_fisher.search import parse_methods, report, search
+        from mergekit_fisher.search import report
 
         record = self.root / f"search-{len(tasks)}-experts-{methods}{_suffix(self.kind)}.json"
         if record.exists():
             return json.loads(record.read_text())["best_recipe"]
-        models = [
-            {
-                "model": str(self.expert(t)),
-                "parameters": {
-                    "fisher": str(self.store(t, "full", tasks)),
-                    "gram": str(self.store(t, "gram", tasks)),
-                },
-            }
-            for t in tasks
-        ]
-        inputs = {"base_model": str(self.base), "models": models, "dtype": "float32"}
-        result = search(
+        inputs = pipeline.search_inputs(
+            self.base,
+            [self.expert(t) for t in tasks],
+            [self.store(t, "full", tasks) for t in tasks],
+            [self.store(t, "gram", tasks) for t in tasks],
+        )
+        valid = [self.data(t, "valid") for t in tasks]
+        result = pipeline.search_methods(
             inputs,
-            [str(self.data(t, "valid")) for t in tasks],
-            methods=parse_methods(methods.replace("+", ",")),
+            valid,
+            methods=methods,
             num_samples=SIZES["valid"],
             device=self.args.device,
             scratch=self.root,
         )
         LOG.info("seed %d %s search picked %s", self.seed, self.kind, result.best.label())
-        record.write_text(json.dumps(report(result), indent=1))
+        write_text_atomic(record, json.dumps(report(result), indent=1))
         return result.best_recipe
 
     def done(self) -> dict[tuple[str, str], dict[str, Any]]:
@@ -303,15 +236,13 @@ class Bench:
         return {(r["setting"], r["row"]): r for r in rows}
 
     def score(self, setting: str, row: str, model_dir: Path, seconds: float = 0.0) -> None:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        model.to(self.args.device)
         tasks = SETTINGS[setting]
+        items = {t: problems(self.args, t, self.args.split, self.seed) for t in tasks}
+        scores = pipeline.score_model(
+            model_dir, self.tokenizer, items, self.root, device=self.args.device
+        )
         result: dict[str, Any] = {"setting": setting, "row": row, "merge_seconds": seconds}
-        for task in tasks:
-            items = problems(self.args, task, self.args.split, self.seed)
-            s = chat_model.score(model, self.tokenizer, items, self.root)
+        for task, s in scores.items():
             result[task] = {"accuracy": s.accuracy, "loss": s.loss, "n": s.n}
         with self.scores_file.open("a") as f:
             f.write(json.dumps(result) + "\n")
@@ -325,8 +256,6 @@ class Bench:
         )
 
     def run(self) -> None:
-        from mergekit_fisher.demo.run import merge
-
         done = self.done()
         for setting in self.args.settings:
             tasks = SETTINGS[setting]
@@ -348,17 +277,8 @@ class Bench:
                 with tempfile.TemporaryDirectory(dir=self.root) as tmp:
                     out = Path(tmp) / "merged"
                     started = time.perf_counter()
-                    merge(recipe, out)
+                    pipeline.merge(recipe, out, seed=self.seed)
                     self.score(setting, row, out, time.perf_counter() - started)
-
-
-def normalized(
-    result: dict[str, Any], experts: dict[str, dict[str, Any]], tasks: Sequence[str]
-) -> float:
-    """Mean over tasks of accuracy / the task's expert's accuracy on it."""
-    return statistics.fmean(
-        result[t]["accuracy"] / max(experts[t][t]["accuracy"], 1e-9) for t in tasks
-    )
 
 
 Section = tuple[str, calibration.Kind]
@@ -381,13 +301,14 @@ def collect(args: argparse.Namespace) -> Found:
                 for r in map(json.loads, path.read_text().splitlines())
                 if r["setting"] == setting
             }
-            experts = {t: results.get(f"expert {t}") for t in tasks}
-            if any(v is None for v in experts.values()):
+            if any(f"expert {t}" not in results for t in tasks):
                 continue
+            experts = {t: results[f"expert {t}"][t]["accuracy"] for t in tasks}
             for row, result in results.items():
                 cell = found.setdefault((setting, kind), {}).setdefault(row, {})
                 cell.setdefault("seed", []).append(seed)
-                cell.setdefault("norm", []).append(normalized(result, experts, tasks))  # type: ignore[arg-type]
+                accuracy = {t: result[t]["accuracy"] for t in tasks}
+                cell.setdefault("norm", []).append(pipeline.normalized(accuracy, experts))
                 cell.setdefault("loss", []).append(
                     statistics.fmean(result[t]["loss"] for t in tasks)
                 )
@@ -398,7 +319,7 @@ def collect(args: argparse.Namespace) -> Found:
 
 
 def _mean(values: list[float]) -> str:
-    spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
+    spread = f" ± {_std(values):.3f}" if len(values) > 1 else ""
     return f"{statistics.fmean(values):.3f}{spread}"
 
 
@@ -435,14 +356,6 @@ def report(found: Found) -> str:
     return "\n".join(lines)
 
 
-def _family(row: str) -> str:
-    """``ours``, ``mergekit`` or ``searched``: who made the row's method."""
-    name = row.split(":")[0]
-    if name == "searched":
-        return "searched"
-    return "ours" if name.removesuffix("_nodes") in OUR_ROWS else "mergekit"
-
-
 def verdict(name: str, rows: dict[str, dict[str, list[float]]]) -> list[str]:
     """Issue 12's checks within one section ``name`` (a setting and calibration kind, issue
     23's goals per kind): our best method vs mergekit's best at defaults and vs
@@ -454,7 +367,7 @@ def verdict(name: str, rows: dict[str, dict[str, list[float]]]) -> list[str]:
     full = [r for r, v in per_seed.items() if len(v) == seeds and ":" not in r]
 
     def best(family: str) -> str | None:
-        found = [r for r in full if _family(r) == family]
+        found = [r for r in full if pipeline.family(r) == family]
         return max(found, key=lambda r: statistics.fmean(per_seed[r].values()), default=None)
 
     def versus(a: str | None, b: str | None) -> str:
@@ -481,32 +394,19 @@ def verdict(name: str, rows: dict[str, dict[str, list[float]]]) -> list[str]:
 
 
 def chart(found: Found, path: Path) -> None:
-    """Horizontal bars of normalized EM per merge row at its defaults (± std over seeds), one
-    panel per setting and calibration kind: ours orange, mergekit's grey, ``searched`` blue.
-    Parameter variants (``row:k=v``) stay in the tables."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
-
-    fig, axes = plt.subplots(1, len(found), figsize=(6 * len(found), 6), squeeze=False)
-    for ax, (section, rows) in zip(axes[0], found.items()):
+    """Normalized EM per merge row at its defaults (± std over seeds), one panel per setting and
+    calibration kind (``pipeline.draw_bars``). Parameter variants (``row:k=v``) stay in the
+    tables."""
+    panels = []
+    for section, rows in found.items():
         merges = [r for r in rows if r != "base" and not r.startswith("expert") and ":" not in r]
-        merges.sort(key=lambda r: statistics.fmean(rows[r]["norm"]))
-        means = [statistics.fmean(rows[r]["norm"]) for r in merges]
-        spread = [
-            statistics.stdev(rows[r]["norm"]) if len(rows[r]["norm"]) > 1 else 0.0 for r in merges
-        ]
-        colors = {"ours": "tab:orange", "mergekit": "tab:gray", "searched": "tab:blue"}
-        ax.barh(merges, means, xerr=spread, color=[colors[_family(r)] for r in merges])
-        ax.axvline(1.0, color="black", linewidth=0.8)
-        ax.set_title(f"SmolLM2-135M-Instruct, {title(section)}")
-        ax.set_xlabel("normalized exact match (1 = every expert kept)")
-    handles = [Patch(color=c, label=f) for f, c in colors.items()]
-    axes[0][-1].legend(handles=handles, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+        bars = {r: (statistics.fmean(rows[r]["norm"]), _std(rows[r]["norm"])) for r in merges}
+        panels.append((f"SmolLM2-135M-Instruct, {title(section)}", bars))
+    pipeline.draw_bars(panels, path)
+
+
+def _std(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

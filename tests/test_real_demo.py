@@ -90,6 +90,28 @@ def test_demo_help_says_what_and_how_long() -> None:
     assert "--toy" in text and "--seeds" in text and "--sizes" not in text
 
 
+def test_demo_command_passes_its_knobs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mergekit_fisher.real import demo
+
+    seen: dict[str, Any] = {}
+
+    def fake_run(out: str, settings: object) -> dict[str, Any]:
+        seen["settings"] = settings
+        return {"chart": None, "wall_time_s": 1.0}
+
+    monkeypatch.setattr(demo, "run_real_demo", fake_run)
+    monkeypatch.setattr(demo, "format_report", lambda report: "TABLE")
+    out = str(tmp_path / "o")
+    args = ["--out", out, "--steps", "2", "--sizes", "8,4,4,6", "--rows", "linear,regmean"]
+    result = CliRunner().invoke(main, ["demo", *args, "--search-methods", "linear"])
+    assert result.exit_code == 0, result.output
+    assert result.output == f"TABLE\nreport: {out}/report.json  wall time: 1 s\n"
+    settings = seen["settings"]
+    assert settings.training.steps == 2 and settings.training.lr == 5e-5
+    assert (settings.train_size, settings.calib_size, settings.eval_size) == (8, 4, 6)
+    assert settings.rows == ("linear", "regmean") and settings.search == "linear"
+
+
 # --------------------------------------------------------------------------------------------
 # A tiny run end to end
 
