@@ -45,7 +45,9 @@ def test_method_recipe_reads_shared_parameters_and_node_stores() -> None:
     assert recipe["merge_method"] == "fisher_arithmetic" and recipe["parameters"] == {"gamma": 0.2}
     assert recipe["models"][0]["parameters"]["fisher"] == "n"
     assert pipeline.store_kind("regmean") == "gram" and pipeline.store_kind("ties") is None
-    assert pipeline.family("searched: regmean weight=1.0") == "searched"
+    assert pipeline.family("searched: fisher_ties weight=1.0 density=1.0 normalize=True") == (
+        "searched"
+    )
     assert pipeline.family("fisher_ties") == "ours" and pipeline.family("dare_ties") == "mergekit"
 
 

@@ -341,16 +341,21 @@ def format_report(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _short(row: str) -> str:
+    """A chart label: the searched row names only the method it picked."""
+    return " ".join(row.split(" ")[:2]) if row.startswith("searched: ") else row
+
+
 def draw_chart(report: Mapping[str, Any], path: Path) -> Path:
     """Normalized EM per merge, the bootstrap's standard deviation as error bars."""
     spread = report["verdict"]["bootstrap_std"]
     rows = {
-        row: (entry["normalized_em"], spread[row])
+        _short(row): (entry["normalized_em"], spread[row])
         for row, entry in report["rows"].items()
         if entry["family"] != "reference"
     }
-    tasks = ", ".join(report["settings"]["tasks"])
-    return pipeline.draw_bars([(f"{MODEL}, 2 experts ({tasks}), one seed", rows)], path)
+    tasks = "+".join(report["settings"]["tasks"])
+    return pipeline.draw_bars([(f"{MODEL}, experts {tasks}, one seed", rows)], path)
 
 
 def run_real_demo(

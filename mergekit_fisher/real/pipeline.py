@@ -232,8 +232,9 @@ def normalized(accuracy: Mapping[str, float], expert: Mapping[str, float]) -> fl
 
 
 def family(row: str) -> str:
-    """``ours``, ``mergekit`` or ``searched``: who made the row's method."""
-    name = parse_row(row)[0]
+    """``ours``, ``mergekit`` or ``searched``: who made the row's method (``searched: <pick>``
+    rows carry the search's label, not parameters)."""
+    name = row.partition(":")[0]
     if name == "searched":
         return "searched"
     return "ours" if name in OUR_ROWS else "mergekit"
@@ -251,7 +252,7 @@ def draw_bars(panels: Sequence[tuple[str, Mapping[str, tuple[float, float]]]], p
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 6), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 6), squeeze=False)
     for ax, (title, rows) in zip(axes[0], panels):
         names = sorted(rows, key=lambda r: rows[r][0])
         values, errors = zip(*(rows[r] for r in names)) if names else ((), ())
@@ -260,8 +261,8 @@ def draw_bars(panels: Sequence[tuple[str, Mapping[str, tuple[float, float]]]], p
         ax.set_title(title)
         ax.set_xlabel("normalized exact match (1 = every expert kept)")
     handles = [Patch(color=c, label=f) for f, c in COLORS.items()]
-    axes[0][-1].legend(handles=handles, loc="lower right")
-    fig.tight_layout()
+    fig.legend(handles=handles, loc="lower center", ncols=len(handles))
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
     fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".") or "png")
