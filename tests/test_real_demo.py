@@ -88,7 +88,7 @@ def test_demo_help_says_what_and_how_long() -> None:
     result = CliRunner().invoke(main, ["demo", "--help"])
     assert result.exit_code == 0
     text = " ".join(result.output.split())
-    assert "SmolLM2-135M-Instruct" in text and "about 10 minutes on 2 cores" in text
+    assert "SmolLM2-135M-Instruct" in text and "about 12 minutes on 2 idle cores" in text
     assert "--toy" in text and "--seeds" in text and "--sizes" not in text
 
 

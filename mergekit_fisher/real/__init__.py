@@ -10,6 +10,8 @@ the main demo all build on; named ``real`` like the ``real`` extra it needs (``g
 * ``chat_model``: fine-tuning a chat model on those tasks and scoring it (exact match, loss).
 * ``pipeline``: the steps of an experiment (experts, stores, recipes at defaults, search,
   scoring, normalized EM), shared by the main demo and the benchmark.
+* ``calibration``: the calibration sets a merger without the experts' data has: one shared
+  across the tasks, or generic chat (``generic_prompts.jsonl``) answered by the base model.
 * ``demo`` and ``verdict``: the main demo (``mergekit-fisher demo``) and how sure its one
   seed is (a paired bootstrap over the held-out problems).
 
