@@ -8,6 +8,8 @@ the main demo all build on; named ``real`` like the ``real`` extra it needs (``g
   a plain model directory in a cache.
 * ``chat_tasks``: its short-answer chat tasks, generated in code, and their hashed splits.
 * ``chat_model``: fine-tuning a chat model on those tasks and scoring it (exact match, loss).
+* ``calibration``: calibration sets other than each expert's own task (one shared mix of the
+  tasks; everyday chat from ``generic_prompts.jsonl`` answered by the base model).
 * ``pipeline``: the steps of an experiment (experts, stores, recipes at defaults, search,
   scoring, normalized EM), shared by the main demo and the benchmark.
 * ``calibration``: the calibration sets a merger without the experts' data has: one shared
