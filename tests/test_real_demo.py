@@ -8,6 +8,7 @@ The end-to-end tests are skipped, with the install line, where SmolLM2 is not in
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,8 @@ def test_demo_help_says_what_and_how_long() -> None:
     result = CliRunner().invoke(main, ["demo", "--help"])
     assert result.exit_code == 0
     text = " ".join(result.output.split())
-    assert "SmolLM2-135M-Instruct" in text and "about 12 minutes on 2 idle cores" in text
+    assert "SmolLM2-135M-Instruct" in text
+    assert re.search(r"about \d+ minutes on 2 idle cores", text)
     assert "--toy" in text and "--seeds" in text and "--sizes" not in text
 
 
