@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from mergekit_fisher.store import write_text_atomic
+
 Split = Literal["train", "calib", "valid", "eval"]
 SYSTEM = "You are a helpful assistant."
 
@@ -214,8 +216,7 @@ def problems(task: str, split: Split, n: int, seed: int = 0) -> list[Problem]:
 
 
 def write_jsonl(items: Sequence[Problem], path: Path) -> Path:
-    """Chat records (``{"messages": [...]}``) that ``estimate``/``search`` read directly."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Chat records (``{"messages": [...]}``) that ``estimate``/``search`` read directly,
+    written atomically: callers cache these files by their existence."""
     lines = (json.dumps({"messages": p.messages()}) for p in items)
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+    return write_text_atomic(path, "\n".join(lines) + "\n")

@@ -101,8 +101,7 @@ class RealDemo:
         path = self.work / "data" / f"{task}-{split}{n}.jsonl"
         if not path.exists():
             items = chat_tasks.problems(task, split, n, seed=self.settings.seed)
-            tmp = chat_tasks.write_jsonl(items, path.with_name(f".{path.name}.partial"))
-            os.replace(tmp, path)
+            chat_tasks.write_jsonl(items, path)
         return path
 
     # ---------------------------------------------------------------------------- the steps
