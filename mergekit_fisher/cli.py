@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -123,6 +124,21 @@ def merge_command(args: tuple[str, ...]) -> None:
 @click.option("--text-field", default="text", show_default=True, help="Field holding plain text.")
 @click.option("--device", default="cpu", show_default=True, help="Where candidates are scored.")
 @click.option("--cuda", is_flag=True, help="Merge candidates on the GPU (mergekit --cuda).")
+@click.option(
+    "--prune/--no-prune",
+    default=True,
+    show_default=True,
+    help="Score every candidate on a quarter of the rows first and stop those that are behind "
+    "the best so far in 99%% of paired bootstrap resamples (marked `pruned`, never picked); "
+    "--no-prune scores every row of every candidate.",
+)
+@click.option(
+    "--merge-workers",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Processes merging the next candidates while one is scored (default: 1 with a second "
+    "CPU core, else 0; 0 merges in this process).",
+)
 @click.option("-v", "--verbose", count=True, help="More logging (-vv: debug).")
 def search_command(
     recipe: str,
@@ -138,6 +154,8 @@ def search_command(
     text_field: str,
     device: str,
     cuda: bool,
+    prune: bool,
+    merge_workers: int | None,
     verbose: int,
 ) -> None:
     """Pick a merge by held-out loss: a recipe's coefficients (--grid) or the method itself
@@ -163,6 +181,8 @@ def search_command(
         device=device,
         text_field=text_field,
         merge_options={"cuda": cuda},
+        prune=prune,
+        merge_workers=merge_workers,
     )
     for line in _search_table(result):
         click.echo(line)
@@ -172,8 +192,9 @@ def search_command(
     exact = ", ".join(f"{_short(x.source)} {x.exact_share:.3f}" for x in result.best.losses)
     click.echo(
         f"best: {result.best.label()} ({objective} objective {result.best.loss:.4f} on "
-        f"{result.sample_tokens} tokens; exact match {exact}); {len(result.candidates)} candidates in "
-        f"{result.seconds:.1f}s; wrote {out}" + (f" and {report_path}" if report_path else "")
+        f"{result.sample_tokens} tokens; exact match {exact}); {len(result.candidates)} candidates "
+        f"({sum(c.pruned for c in result.candidates)} pruned) in {result.seconds:.1f}s; wrote {out}"
+        + (f" and {report_path}" if report_path else "")
     )
 
 
@@ -185,9 +206,9 @@ def _search_table(result) -> list[str]:  # type: ignore[no-untyped-def]
     names = [_short(s) for s in result.samples]
     header = [f"{'objective':>10}", *(f"{n[:12]:>12}" for n in names)]
     header += [f"{(n[:9] + ' EM'):>12}" for n in names]
-    lines = ["  ".join([*header, "seconds", "candidate"])]
+    lines = ["  ".join([*header, "seconds", "candidate (*: best, -: pruned on a quarter)"])]
     for scored in sorted(result.candidates, key=rank_key):
-        mark = "*" if scored is result.best else " "
+        mark = "*" if scored is result.best else "-" if scored.pruned else " "
         losses = [f"{x.mean:>12.4f}" for x in scored.losses]
         exact = [f"{x.exact_share:>12.3f}" for x in scored.losses]
         row = [f"{scored.loss:>9.4f}{mark}", *losses, *exact, f"{scored.seconds:>7.1f}"]
@@ -387,6 +408,43 @@ def demo_command(
     click.echo(real_demo(out or "demo-out", steps, sizes, rows, search_methods))
 
 
+def _calibration_options(command: Callable[..., None]) -> Callable[..., None]:
+    """The data, batch and compute options that ``estimate`` and ``regmean-plus`` share."""
+    options = [
+        click.option("--num-samples", type=int, default=None, help="Use the first N sequences."),
+        click.option(
+            "--max-length",
+            type=int,
+            default=512,
+            show_default=True,
+            help="Truncate sequences to L tokens.",
+        ),
+        click.option(
+            "--batch-size",
+            type=int,
+            default=8,
+            show_default=True,
+            help="Sequences per batch (does not change the result).",
+        ),
+        click.option(
+            "--dtype",
+            default=None,
+            help="Compute dtype [default: bfloat16 on GPU, float32 on CPU].",
+        ),
+        click.option(
+            "--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."
+        ),
+        click.option(
+            "--text-field", default="text", show_default=True, help="Field holding plain text."
+        ),
+        click.option("--split", default="train", show_default=True, help="Dataset split."),
+        click.option("--pack", is_flag=True, help="Pack plain texts into max-length chunks."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command("estimate")
 @click.argument("model")
 @click.option(
@@ -433,17 +491,6 @@ def demo_command(
     show_default=True,
     help="nodes: value of a shared k/v head (GQA).",
 )
-@click.option("--num-samples", type=int, default=None, help="Use the first N sequences.")
-@click.option(
-    "--max-length", type=int, default=512, show_default=True, help="Truncate sequences to L tokens."
-)
-@click.option(
-    "--batch-size",
-    type=int,
-    default=8,
-    show_default=True,
-    help="Sequences per batch (does not change the result).",
-)
 @click.option(
     "--samples-per-example",
     type=int,
@@ -458,10 +505,6 @@ def demo_command(
     help="Stored precision [default: bfloat16 for fisher, float32 for gram: a bfloat16 Gram "
     "can turn indefinite].",
 )
-@click.option(
-    "--dtype", default=None, help="Compute dtype [default: bfloat16 on GPU, float32 on CPU]."
-)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option(
     "--device-map",
     type=click.Choice(["auto"]),
@@ -496,9 +539,7 @@ def demo_command(
     is_flag=True,
     help="Skip (and count) examples with NaN/Inf instead of failing.",
 )
-@click.option("--text-field", default="text", show_default=True, help="Field holding plain text.")
-@click.option("--split", default="train", show_default=True, help="Dataset split.")
-@click.option("--pack", is_flag=True, help="Pack plain texts into max-length chunks.")
+@_calibration_options
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv: debug, with tracebacks).")
 def estimate_command(
@@ -521,6 +562,61 @@ def estimate_command(
             f"wrote {store.path}: {what} of {model} from "
             f"{est['num_sequences']} sequences, {est['num_tokens']} tokens"
         )
+
+
+@main.command("regmean-plus")
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--data",
+    "data",
+    multiple=True,
+    required=True,
+    metavar="MODEL_OR_INDEX=FILE",
+    help="Calibration data of one recipe input: the model as the recipe writes it, or its "
+    "0-based position among the inputs (models in order, then a base_model not listed). "
+    "Repeatable; every input needs its own.",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Directory to write: <model>-gram stores and recipe.yml.",
+)
+@_calibration_options
+@click.option("--trust-remote-code", is_flag=True, help="Allow the models' own modeling code.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("-v", "--verbose", count=True, help="More logging (-vv: debug, with tracebacks).")
+def regmean_plus_command(
+    recipe: str, data: tuple[str, ...], out: str, no_progress: bool, verbose: int, **options: object
+) -> None:
+    """RegMean++ (arXiv 2508.03121): Gram stores measured through the merge of RECIPE.
+
+    RECIPE is a `merge_method: regmean` recipe (models:, weights, alpha; gram: not needed).
+    Block l's Grams of each model come from its own block l fed that model's data through the
+    merged embedding and merged blocks < l, merged layer by layer as regmean merges them.
+    Writes one Gram store per input and --out/recipe.yml, whose gram: parameters point to
+    them: `mergekit-yaml OUT/recipe.yml merged/` is then the RegMean++ merge. The stores are
+    valid for that recipe only (models, weights, alpha: recorded in each store). Cost: about
+    two forward passes over each model's data (its own block, then the merged one, per layer);
+    one decoder block per model in memory, the hidden states in CPU memory.
+    """
+    import yaml
+
+    _setup_logging(verbose)
+    from mergekit_fisher.estimate import EstimateConfig
+    from mergekit_fisher.estimate.config import EstimateError
+    from mergekit_fisher.estimate.regmean_plus import assign_data, read_recipe, regmean_plus
+
+    try:
+        source = yaml.safe_load(Path(recipe).read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise EstimateError(f"{recipe} is not a YAML recipe ({type(error).__name__})") from None
+    config = EstimateConfig(statistic="gram", progress=not no_progress, **options)  # type: ignore[arg-type]
+    result = regmean_plus(source, assign_data(read_recipe(source), data), out, config)
+    for store in result.stores:
+        click.echo(f"wrote {store}")
+    click.echo(f"wrote {result.recipe}: merge it with mergekit-yaml {result.recipe} OUT_DIR")
 
 
 if __name__ == "__main__":

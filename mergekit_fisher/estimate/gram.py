@@ -10,6 +10,7 @@ at the output layer's input when nothing after it feeds a Gram (the logits are n
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -45,11 +46,15 @@ class GramCollector(Banked):
     weight arrives at merge time as the embedding, which is not a linear map of its inputs.
     Accumulators are declared by one tiny discovery forward, so that every rank (and a resumed
     run) has the same keys before any data is seen; ``__tokens__`` counts non-padding tokens.
+    ``model`` may also be one decoder block: ``discover`` then runs it on a tiny input, and
+    :meth:`run` on each batch's hidden states (``regmean-plus``).
     """
 
     granularity = "full"
 
-    def __init__(self, model: nn.Module, state: BatchState):
+    def __init__(
+        self, model: nn.Module, state: BatchState, discover: Callable[[], object] | None = None
+    ):
         refuse_conv1d(model)
         self.model = model
         self.state = state  # the collector protocol's; forward-only runs need no batch state
@@ -63,12 +68,14 @@ class GramCollector(Banked):
         self._stop_at: nn.Module | None = None
         self._handles: list[Any] = []
         self._params = dict(model.named_parameters())
-        device = input_device(model)
         self.install()
         try:
-            self.forward(
-                torch.zeros(1, 2, dtype=torch.long, device=device), torch.ones(1, 2, device=device)
-            )
+            if discover is None:
+                device = input_device(model)
+                ids = torch.zeros(1, 2, dtype=torch.long, device=device)
+                self.forward(ids, torch.ones(1, 2, device=device))
+            else:
+                self.run(discover, None)
         finally:
             self.remove()
         self._stop_at = self._last_layer()
@@ -130,12 +137,21 @@ class GramCollector(Banked):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
         """One forward pass: adds the Grams of the batch's non-padding tokens; returns their count."""
-        self._mask = attention_mask.bool()
+        return self.run(
+            lambda: self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False),
+            attention_mask,
+        )
+
+    def run(self, call: Callable[[], object], attention_mask: torch.Tensor | None) -> int:
+        """Run ``call``, a forward through ``model`` (a whole model or one decoder block fed
+        its hidden states), adding the Grams of the tokens where ``attention_mask`` [B, T] is
+        set (all of them for None); returns their count."""
+        self._mask = None if attention_mask is None else attention_mask.bool()
         self._calls = []
         try:
             with torch.no_grad(), contextlib.suppress(_OutputReached):
-                self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            tokens = int(self._mask.sum())
+                call()
+            tokens = 0 if self._mask is None else int(self._mask.sum())
         finally:
             self._mask = None
             self._seen.clear()

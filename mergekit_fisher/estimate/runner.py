@@ -56,7 +56,7 @@ class FisherResult:
     collector: Any = None
 
 
-def _order(examples: Sequence[Example]) -> list[int]:
+def longest_first(examples: Sequence[Example]) -> list[int]:
     """Longest first (little padding per batch; an out-of-memory shows at once), stable."""
     return sorted(range(len(examples)), key=lambda i: (-len(examples[i].input_ids), i))
 
@@ -150,7 +150,7 @@ def compute_fisher(
         collector = make_collector(model, state, config)
     else:
         state = collector.state
-    order = list(indices) if indices is not None else _order(examples)
+    order = list(indices) if indices is not None else longest_first(examples)
     device = input_device(model)
     counted = tokens = 0
     skipped: list[int] = []
@@ -190,7 +190,7 @@ def compute_fisher(
 # --------------------------------------------------------------------------- loading
 
 
-def _resolve_device(config: EstimateConfig, ctx: distributed.DistContext) -> torch.device:
+def resolve_device(config: EstimateConfig, ctx: distributed.DistContext) -> torch.device:
     name = config.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -326,9 +326,9 @@ def estimate_fisher(
     ckpt_dir = _check_out(out, config)
     ctx = distributed.init_from_env(use_cuda=config.device != "cpu" and torch.cuda.is_available())
     try:
-        device = _resolve_device(config, ctx)
+        device = resolve_device(config, ctx)
         ref, loaded, dtype = _identify_model(model, config, device)
-        calib = _calibration(data, ref, tokenizer, config)
+        calib = load_calibration(data, ref, tokenizer, config)
         if loaded is None:
             loaded = _load_model(ref, config, device, dtype, ctx)
         run = _start_run(loaded, ref, calib, config, ctx, ckpt_dir)
@@ -399,11 +399,16 @@ def _identify_model(
     if isinstance(model, nn.Module):
         ref = getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
         return str(ref), model, next(model.parameters()).dtype
+    return os.fspath(model), None, load_dtype(config, device)
+
+
+def load_dtype(config: EstimateConfig, device: torch.device) -> torch.dtype:
+    """``--dtype``, else bfloat16 on CUDA and float32 on CPU."""
     default = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return os.fspath(model), None, parse_dtype(config.dtype) if config.dtype else default
+    return parse_dtype(config.dtype) if config.dtype else default
 
 
-def _calibration(
+def load_calibration(
     data: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | CalibrationData,
     ref: str,
     tokenizer: Any,
@@ -452,7 +457,7 @@ def _start_run(
         world_size=ctx.world_size,
         num_examples=len(examples),
     )
-    order = _order(examples)[ctx.rank :: ctx.world_size]
+    order = longest_first(examples)[ctx.rank :: ctx.world_size]
     run = _Run(model, ref, dtype, calib, collector, order, key, ckpt_dir)
     if config.resume and checkpoint.exists(ckpt_dir):
         saved = checkpoint.load(ckpt_dir, ctx.rank, ctx.world_size, key)

@@ -15,6 +15,7 @@ from mergekit.merge_methods import PerInput, PerInputValues, TensorEntry, Tensor
 
 from mergekit_fisher.errors import FisherError
 from mergekit_fisher.store import FisherStore, StoreError, open_store
+from mergekit_fisher.tensor_merge import average
 
 METHOD_OF = {"fisher": "fisher", "gram": "regmean"}
 """The merge method that reads each store statistic."""
@@ -85,17 +86,6 @@ def check_binding(store: FisherStore, name: str, entry: TensorEntry) -> str | No
             "or a permuted or resized vocabulary): re-estimate it on this model"
         )
     return located
-
-
-def average(
-    tensors: Sequence[torch.Tensor], weights: list[float], compute: torch.dtype
-) -> torch.Tensor:
-    """The recipe-weighted linear average, in ``compute``."""
-    total = sum(weights)
-    result = torch.zeros(tensors[0].shape, dtype=compute, device=tensors[0].device)
-    for tensor, w in zip(tensors, weights):
-        result.add_(tensor.to(compute), alpha=w / total)
-    return result
 
 
 def weighted_average(

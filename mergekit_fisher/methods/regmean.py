@@ -6,11 +6,10 @@ For a linear weight W_m [out, in] whose input Gram matrix on model m's data is G
     G~_m = alpha G_m + (1 - alpha) diag(G_m)
     W*   = (sum_m w_m W_m G~_m) (sum_m w_m G~_m)^-1
 
-the minimiser of sum_m w_m ||X_m W^T - X_m W_m^T||^2 with regularised Grams. Solved in float64
-on the kernel's device, as ``W* = W_M + (sum_{m<M} w_m (W_m - W_M) G~_m) T^-1`` with
-``T = sum_m w_m G~_m`` (one matmul fewer per tensor), through a Cholesky factor of T. Weights
-that read the same input (q/k/v, gate/up) share one Gram: T's factor and the scaled Grams are
-computed once per input and cached until every weight the store lists for it was merged. Weights
+the minimiser of sum_m w_m ||X_m W^T - X_m W_m^T||^2 with regularised Grams, solved in float64
+on the kernel's device by ``tensor_merge`` (shared with ``regmean-plus``). Weights that read
+the same input (q/k/v, gate/up) share one Gram: its solver (T's factor and the scaled Grams) is
+built once per input and cached until every weight the store lists for it was merged. Weights
 no Gram covers (embeddings, norms) get the weighted average.
 """
 
@@ -41,6 +40,7 @@ from mergekit_fisher.methods.common import (
     weighted_average,
 )
 from mergekit_fisher.store import FisherStore
+from mergekit_fisher.tensor_merge import RegMeanSolver, factor_grams
 
 LOG = logging.getLogger(__name__)
 
@@ -54,13 +54,11 @@ CacheKey = tuple[object, ...]
 
 @dataclass
 class _Factored:
-    """One input's summed Gram, factorized, and the scaled Grams ``w_m G~_m`` of all but the last."""
+    """One input's solver, built by the first of its consumers to arrive."""
 
     remaining: int
     lock: threading.Lock = field(default_factory=threading.Lock)
-    scaled: list[torch.Tensor] | None = None
-    cholesky: torch.Tensor | None = None
-    lu: tuple[torch.Tensor, torch.Tensor] | None = None
+    solver: RegMeanSolver | None = None
 
 
 _CACHE_LOCK = threading.Lock()
@@ -79,25 +77,6 @@ def clear_factor_cache() -> None:
         _CACHE.clear()
 
 
-def _factorize(entry: _Factored, total: torch.Tensor, name: str) -> None:
-    """Cholesky of ``total``; with a 1e-10 mean(diag) ridge if singular; LU as a last resort."""
-    factor, info = torch.linalg.cholesky_ex(total)
-    if int(info) == 0 and torch.isfinite(factor).all():
-        entry.cholesky = factor
-        return
-    ridge = 1e-10 * total.diagonal().mean().clamp_min(1e-30)
-    LOG.warning(
-        "%s: summed Gram is singular (dead inputs?); solving with a %.1e ridge", name, ridge
-    )
-    total.diagonal().add_(ridge)
-    factor, info = torch.linalg.cholesky_ex(total)
-    if int(info) == 0 and torch.isfinite(factor).all():
-        entry.cholesky = factor
-        return
-    lu, pivots, _ = torch.linalg.lu_factor_ex(total)
-    entry.lu = (lu, pivots)
-
-
 def _prepare(
     entry: _Factored,
     stores: list[FisherStore],
@@ -107,20 +86,9 @@ def _prepare(
     device: torch.device,
     name: str,
 ) -> None:
-    """Fill ``entry``: scaled Grams of inputs 0..M-2 and the factor of their sum with input M-1."""
-    total: torch.Tensor | None = None
-    scaled = []
-    for k, (s, tensor_name, w) in enumerate(zip(stores, located, weights)):
-        g = s.get(tensor_name, device=device, dtype=torch.float64)
-        diagonal = g.diagonal().clone()
-        g.mul_(alpha * w).diagonal().add_(diagonal, alpha=(1 - alpha) * w)
-        total = g.clone() if total is None else total.add_(g)
-        if k < len(stores) - 1:
-            scaled.append(g)
-        del g
-    assert total is not None
-    _factorize(entry, total, name)
-    entry.scaled = scaled
+    """Fill ``entry`` with the solver of one input, its Grams read one store at a time."""
+    grams = (s.get(n, device=device, dtype=torch.float64) for s, n in zip(stores, located))
+    entry.solver = factor_grams(grams, weights, alpha, name)
 
 
 def _acquire(key: CacheKey, consumers: int) -> _Factored:
@@ -170,20 +138,10 @@ def regmean_merge(
     entry = _acquire(key, max(stores[0].consumer_count(names[0]), 1))
     try:
         with entry.lock:
-            if entry.scaled is None:
+            if entry.solver is None:
                 _prepare(entry, stores, names, weights, alpha, device, name)
-        assert entry.scaled is not None
-        last = entries[-1].tensor.to(torch.float64, copy=True)  # never modify an input
-        delta = torch.zeros(first.shape, dtype=torch.float64, device=device)
-        for e, g in zip(entries[:-1], entry.scaled):
-            delta.addmm_(e.tensor.to(torch.float64, copy=True).sub_(last), g)
-        if entry.cholesky is not None:
-            correction = torch.cholesky_solve(delta.T, entry.cholesky).T
-        else:
-            assert entry.lu is not None
-            correction = torch.linalg.lu_solve(*entry.lu, delta.T).T
-        del delta
-        return last.add_(correction).to(first.dtype)
+        assert entry.solver is not None
+        return entry.solver.merge([e.tensor for e in entries])
     finally:
         _release(key, entry)
 
