@@ -22,6 +22,17 @@ CHAT_TEMPLATE = (
 )
 
 
+@pytest.fixture
+def fresh_cache():  # type: ignore[no-untyped-def]
+    """The process-wide store cache emptied before and after a test (a module opts in with
+    ``pytestmark = pytest.mark.usefixtures("fresh_cache")``)."""
+    from mergekit_fisher.store import clear_cache
+
+    clear_cache()
+    yield
+    clear_cache()
+
+
 def make_tokenizer():  # type: ignore[no-untyped-def]
     """A character-level fast tokenizer with bos/eos/pad and a chat template."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors

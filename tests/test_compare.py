@@ -14,16 +14,12 @@ from conftest import make_store, stored_fisher
 from mergekit_fisher.cli import main
 from mergekit_fisher.compare import compare_stores
 from mergekit_fisher.layout import layer_of, module_of
-from mergekit_fisher.store import clear_cache, open_store
+from mergekit_fisher.store import open_store
 
 ROWS = ("model.layers.0.self_attn.q_proj.weight",)  # a node-store-like [out, 1] tensor
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cache():  # type: ignore[no-untyped-def]
-    clear_cache()
-    yield
-    clear_cache()
+pytestmark = pytest.mark.usefixtures("fresh_cache")
 
 
 @pytest.fixture(scope="module")

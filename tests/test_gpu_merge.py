@@ -20,7 +20,7 @@ from test_methods_fisher_arithmetic import recipe as task_recipe
 from test_methods_regmean import make_gram_store, regmean_recipe
 from torch.overrides import TorchFunctionMode
 
-from mergekit_fisher.store import FisherStore, clear_cache, open_store, to_device
+from mergekit_fisher.store import FisherStore, open_store, to_device
 
 family = test_methods_fisher_arithmetic.family  # a base and three experts: the shared fixture
 
@@ -28,11 +28,7 @@ Move = tuple[torch.dtype, str, str | None, torch.dtype | None]
 """One ``Tensor.to``: source dtype, source device type, target device type, target dtype."""
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cache():  # type: ignore[no-untyped-def]
-    clear_cache()
-    yield
-    clear_cache()
+pytestmark = pytest.mark.usefixtures("fresh_cache")
 
 
 class MoveRecorder(TorchFunctionMode):

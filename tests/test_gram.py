@@ -11,16 +11,12 @@ from click.testing import CliRunner
 from conftest import model_tensors, run_recipe, save_tiny_model
 
 from mergekit_fisher.cli import main
-from mergekit_fisher.store import clear_cache, open_store
+from mergekit_fisher.store import open_store
 
 TEXTS = ["12+34=46", "abc def ghi", "hello 77", "zz+1=zz1 and more", "merge me 5", "qq"]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cache():  # type: ignore[no-untyped-def]
-    clear_cache()
-    yield
-    clear_cache()
+pytestmark = pytest.mark.usefixtures("fresh_cache")
 
 
 def naive_grams(model_dir: Path, texts: list[str]) -> dict[str, torch.Tensor]:

@@ -12,16 +12,12 @@ from click.testing import CliRunner
 
 from mergekit_fisher.anatomy import mass_table, node_rows
 from mergekit_fisher.cli import main
-from mergekit_fisher.store import clear_cache, open_store, write_store
+from mergekit_fisher.store import open_store, write_store
 
 LAYERS, HEADS, HEAD_DIM, NEURONS, HIDDEN = 11, 4, 3, 5, 12
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cache():  # type: ignore[no-untyped-def]
-    clear_cache()
-    yield
-    clear_cache()
+pytestmark = pytest.mark.usefixtures("fresh_cache")
 
 
 def node_store(path: Path) -> tuple[Path, torch.Tensor, torch.Tensor]:

@@ -23,16 +23,12 @@ from conftest import (
 )
 from safetensors.torch import load_file, save_file
 
-from mergekit_fisher.store import SINGLE_FILE, StoreError, clear_cache, write_store
+from mergekit_fisher.store import SINGLE_FILE, StoreError, write_store
 
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cache():  # type: ignore[no-untyped-def]
-    clear_cache()
-    yield
-    clear_cache()
+pytestmark = pytest.mark.usefixtures("fresh_cache")
 
 
 @pytest.fixture(params=["whole", "rows"])

@@ -11,14 +11,7 @@ import yaml
 from click.testing import CliRunner
 from conftest import make_store, model_tensors, run_recipe, save_tiny_model, stored_fisher
 
-from mergekit_fisher.store import clear_cache
-
-
-@pytest.fixture(autouse=True)
-def _fresh_cache():  # type: ignore[no-untyped-def]
-    clear_cache()
-    yield
-    clear_cache()
+pytestmark = pytest.mark.usefixtures("fresh_cache")
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,9 @@ import pytest
 import torch
 from conftest import fisher_recipe, make_store, model_tensors, run_recipe, stored_fisher
 
-from mergekit_fisher.store import StoreError, clear_cache, write_store
+from mergekit_fisher.store import StoreError, write_store
 
-
-@pytest.fixture(autouse=True)
-def _fresh_cache():  # type: ignore[no-untyped-def]
-    clear_cache()
-    yield
-    clear_cache()
+pytestmark = pytest.mark.usefixtures("fresh_cache")
 
 
 def input_key(name: str) -> str:

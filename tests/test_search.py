@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -23,14 +24,8 @@ from mergekit_fisher.search import (
     parse_methods,
     search,
 )
-from mergekit_fisher.store import clear_cache
 
-
-@pytest.fixture(autouse=True)
-def _fresh_cache():  # type: ignore[no-untyped-def]
-    clear_cache()
-    yield
-    clear_cache()
+pytestmark = pytest.mark.usefixtures("fresh_cache")
 
 
 def naive_loss(model_dir: Path, texts: list[str]) -> float:
@@ -332,7 +327,8 @@ def test_search_cli_writes_best_recipe(tmp_path: Path, tiny_llama_pair) -> None:
         ],
     )
     assert result.exit_code == 0, result.output
-    assert "best:" in result.output and result.output.count("weights=") == 5
+    table = [line for line in result.output.splitlines() if not line.startswith("search:")]
+    assert "best:" in result.output and sum("weights=" in line for line in table) == 5
     header = next(line for line in result.output.splitlines() if "objective" in line)
     assert "heldout" in header and "heldout EM" in header
     best = yaml.safe_load((tmp_path / "best.yml").read_text())
@@ -395,3 +391,105 @@ def test_search_cli_methods_writes_the_argmin_and_a_report(
     gamma0 = next(r for r in rows if r["label"].endswith("gamma=0.0"))
     ta1 = next(r for r in rows if r["label"] == "task_arithmetic weight=1.0")
     assert gamma0["objective"] == pytest.approx(ta1["objective"], rel=1e-5)  # gamma 0 == TA
+
+
+def _rows(nll: list[float]) -> dict[str, Any]:
+    from mergekit_fisher.search.score import RowScores
+
+    n = len(nll)
+    tensors = torch.tensor(nll, dtype=torch.float64), torch.ones(n, dtype=torch.long)
+    return {"s": RowScores(*tensors, torch.zeros(n, dtype=torch.bool))}
+
+
+def test_racing_stops_a_candidate_only_when_the_first_rows_show_it_behind() -> None:
+    from mergekit_fisher.search.race import MIN_ROWS, chance_ahead, split_rows
+
+    first, rest = split_rows(100)
+    assert len(first) == 25 and sorted(first + rest) == list(range(100))
+    assert split_rows(100) == (first, rest) and split_rows(5) == (split_rows(5)[0], [])
+    assert len(split_rows(20)[0]) == MIN_ROWS
+    noise = torch.linspace(-0.5, 0.5, 16)[
+        torch.randperm(16, generator=torch.Generator().manual_seed(1))
+    ]
+    good = _rows((1.0 + noise).tolist())
+    assert chance_ahead(_rows((3.0 + noise).tolist()), good, "tasks") == 0.0
+    assert chance_ahead(good, _rows((3.0 + noise).tolist()), "tasks") == 1.0
+    jitter = torch.linspace(-0.3, 0.3, 16)[
+        torch.randperm(16, generator=torch.Generator().manual_seed(2))
+    ]
+    assert 0.2 < chance_ahead(_rows((1.0 + noise + jitter).tolist()), good, "tasks") < 0.8
+
+
+class _Answers(torch.nn.Module):
+    """Always right (``wrong`` False) or always wrong: a model for racing tests."""
+
+    def __init__(self, wrong: bool):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.wrong = wrong
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):  # type: ignore[no-untyped-def]
+        nxt = (torch.roll(input_ids, -1, dims=1) + int(self.wrong)) % 8
+        return type("Output", (), {"logits": torch.nn.functional.one_hot(nxt, 8).float() * 5})()
+
+
+@pytest.mark.parametrize("prune", [True, False])
+def test_race_scores_a_clear_loser_on_the_first_rows_only(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, prune: bool
+) -> None:
+    from mergekit_fisher.data import CalibrationData, Example
+    from mergekit_fisher.search import run
+    from mergekit_fisher.search.ahead import Merged
+    from mergekit_fisher.search.candidates import Candidate
+
+    rows = tuple(Example((1, 2, 3, 4, 5), (False, False, True, True, True)) for _ in range(40))
+    samples = {"s": CalibrationData(rows, "fp", ("s",))}
+    monkeypatch.setattr(run, "_load", lambda path, device: _Answers(wrong=path.name == "bad"))
+    race = run.Race(
+        run.Scoring(samples, pad_id=0, batch_size=8, device="cpu", objective="tasks", prune=prune)
+    )
+    scored = {
+        name: race.score(Candidate("linear", {}, (), name), Merged(tmp_path / name, 1.0))
+        for name in ("good", "bad", "good-too")
+    }
+    assert scored["bad"].pruned is prune and scored["bad"].losses[0].rows == (10 if prune else 40)
+    assert not scored["good"].pruned and scored["good"].losses[0].rows == 40
+    assert not scored["good-too"].pruned  # a tie is not evidence of being behind
+    assert run.best_of(list(scored.values())) is scored["good"]
+    first_bad = run.Race(race.scoring).score(
+        Candidate("linear", {}, (), "b"), Merged(tmp_path / "bad", 0)
+    )
+    assert not first_bad.pruned  # nothing to race against yet
+
+
+def test_merges_ahead_in_a_worker_equal_merges_in_process(tmp_path: Path, tiny_llama_pair) -> None:  # type: ignore[no-untyped-def]
+    from safetensors.torch import load_file
+
+    from mergekit_fisher.search.ahead import merged_ahead
+
+    models = list(tiny_llama_pair)
+    recipes = [
+        {
+            "merge_method": "linear",
+            "models": [
+                {"model": str(m), "parameters": {"weight": w}} for m, w in zip(models, (1.0, x))
+            ],
+            "dtype": "float32",
+        }
+        for x in (0.5, 2.0, 3.0)
+    ]
+    merged = {}
+    for workers in (0, 1):
+        scratch = tmp_path / f"w{workers}"
+        scratch.mkdir()
+        with merged_ahead(recipes, scratch, {}, workers) as merges:
+            merged[workers] = [load_file(next(m.path.glob("*.safetensors"))) for m in merges]
+    for ours, theirs in zip(merged[0], merged[1], strict=True):
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    bad = [{"merge_method": "linear", "models": [{"model": str(tmp_path / "missing")}]}]
+    with (
+        pytest.raises(SearchError, match=r"merging candidate-0: .*missing"),
+        merged_ahead(bad, tmp_path, {}, 1) as merges,
+    ):
+        list(merges)

@@ -23,12 +23,7 @@ from mergekit_fisher.store import (
     write_store,
 )
 
-
-@pytest.fixture(autouse=True)
-def _fresh_cache():  # type: ignore[no-untyped-def]
-    clear_cache()
-    yield
-    clear_cache()
+pytestmark = pytest.mark.usefixtures("fresh_cache")
 
 
 def _weights() -> dict[str, torch.Tensor]:

@@ -183,9 +183,10 @@ def search_methods(
     num_samples: int = SIZES["valid"],
     device: str = "cpu",
     scratch: Path | None = None,
+    **options: Any,
 ) -> SearchResult:
     """``search --methods`` (``+`` or ``,`` between names) on one valid file per task, so each
-    task counts equally (the per-task objective)."""
+    task counts equally (the per-task objective); ``options`` go to ``search`` as they are."""
     from mergekit_fisher.search import parse_methods, search
 
     result = search(
@@ -195,6 +196,7 @@ def search_methods(
         num_samples=num_samples,
         device=device,
         scratch=scratch,
+        **options,
     )
     LOG.info("search picked %s", result.best.label())
     return result

@@ -51,6 +51,32 @@ class SourceLoss:
         return self.exact / max(self.rows, 1)
 
 
+@dataclass(frozen=True)
+class RowScores:
+    """Per row of one source: summed target NLL, target tokens, and whether every target
+    token is the argmax; what a search compares candidates on, row by row."""
+
+    nll: torch.Tensor  # float64 [rows]
+    tokens: torch.Tensor  # int64 [rows]
+    hit: torch.Tensor  # bool [rows]
+
+    def loss(self, source: str) -> SourceLoss:
+        """The source's totals (an exact float64 sum, whatever the order rows were scored in)."""
+        return SourceLoss(
+            source,
+            math.fsum(self.nll.tolist()),
+            int(self.tokens.sum()),
+            len(self.nll),
+            int(self.hit.sum()),
+        )
+
+    def __add__(self, other: RowScores) -> RowScores:
+        return RowScores(*(torch.cat([a, b]) for a, b in zip(self.fields(), other.fields())))
+
+    def fields(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.nll, self.tokens, self.hit
+
+
 def load_samples(
     sources: Sequence[str],
     tokenizer: PreTrainedTokenizerBase,
@@ -82,7 +108,14 @@ def score_source(
     pad_id: int,
     batch_size: int = 8,
 ) -> SourceLoss:
-    """Loss and exact match of ``model`` on the target tokens of one source.
+    """Loss and exact match of ``model`` on the target tokens of one source."""
+    return score_rows(model, data.examples, pad_id, batch_size).loss(source)
+
+
+def score_rows(
+    model: torch.nn.Module, examples: Sequence[Example], pad_id: int, batch_size: int = 8
+) -> RowScores:
+    """Each row's target loss and exact match under ``model``.
 
     Two savings, same numbers (to float rounding): the prompt prefix every row shares (chat
     template, system prompt, a task's instruction) runs once and is reused through the model's
@@ -92,15 +125,14 @@ def score_source(
     """
     device = next(model.parameters()).device
     style = _forward_style(model)
-    prefix = shared_prefix(data.examples) if style.cache else 0
-    total, count, exact = 0.0, 0, 0
+    prefix = shared_prefix(examples) if style.cache else 0
+    parts = []
     with torch.no_grad():
-        cache = _prefix_cache(model, style, data.examples[0].input_ids[:prefix], device)
-        for start in range(0, len(data.examples), batch_size):
-            batch = pad_batch(data.examples[start : start + batch_size], pad_id)
-            nll, tokens, hits = _score_batch(model, style, batch, prefix, cache, device)
-            total, count, exact = total + nll, count + tokens, exact + hits
-    return SourceLoss(source, total, count, len(data.examples), exact)
+        cache = _prefix_cache(model, style, examples[0].input_ids[:prefix], device)
+        for start in range(0, len(examples), batch_size):
+            batch = pad_batch(examples[start : start + batch_size], pad_id)
+            parts.append(_score_batch(model, style, batch, prefix, cache, device))
+    return RowScores(*(torch.cat(column) for column in zip(*(p.fields() for p in parts))))
 
 
 @dataclass(frozen=True)
@@ -147,9 +179,9 @@ def _score_batch(
     prefix: int,
     cache: Any,
     device: torch.device,
-) -> tuple[float, int, int]:
-    """(summed NLL, target tokens, rows all of whose targets are the argmax) of one batch,
-    whose first ``prefix`` tokens are in ``cache``."""
+) -> RowScores:
+    """Per row of one batch whose first ``prefix`` tokens are in ``cache``: summed target NLL,
+    target tokens, and whether every target is the argmax."""
     ids = batch.input_ids[:, prefix:].to(device)
     predicting = batch.target_mask[:, prefix + 1 :].to(device)  # [B, S - 1]: predicts t + 1
     kwargs: dict[str, Any] = {}
@@ -168,25 +200,26 @@ def _score_batch(
     labels, targets = ids[:, 1:][:, keep], predicting[:, keep]
     picked = torch.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     hit = (logits.argmax(dim=-1) == labels) | ~targets
-    return -float(picked[targets].double().sum()), int(targets.sum()), int(hit.all(-1).sum())
-
-
-def source_losses(
-    model: torch.nn.Module, samples: dict[str, CalibrationData], pad_id: int, batch_size: int
-) -> tuple[SourceLoss, ...]:
-    """The loss and exact match of ``model`` on every source."""
-    return tuple(
-        score_source(model, source, data, pad_id, batch_size) for source, data in samples.items()
-    )
+    nll = -torch.where(targets, picked.double(), 0.0).sum(-1)  # 0 * a NaN pad would leak
+    return RowScores(nll.cpu(), targets.sum(-1).cpu(), hit.all(-1).cpu())
 
 
 def objective(losses: Sequence[SourceLoss], kind: str = "tasks") -> float:
     """``tasks``: mean over sources of each one's mean token loss; ``tokens``: pooled;
     ``exact``: mean over sources of each one's share of rows missed (1 - exact match)."""
+    column = lambda field: torch.tensor([getattr(x, field) for x in losses], dtype=torch.float64)  # noqa: E731
+    return float(objective_values(*(column(f) for f in ("nll", "tokens", "exact", "rows")), kind))
+
+
+def objective_values(
+    nll: torch.Tensor, tokens: torch.Tensor, exact: torch.Tensor, rows: torch.Tensor, kind: str
+) -> torch.Tensor:
+    """The objective from per-source totals shaped [sources, ...]: one value per trailing index
+    (a search's bootstrap resamples score many row sets at once)."""
     if kind == "tasks":
-        return math.fsum(loss.mean for loss in losses) / len(losses)
+        return (nll / tokens.clamp_min(1)).mean(0)
     if kind == "tokens":
-        return math.fsum(loss.nll for loss in losses) / max(sum(x.tokens for x in losses), 1)
+        return nll.sum(0) / tokens.sum(0).clamp_min(1)
     if kind == "exact":
-        return 1.0 - math.fsum(loss.exact_share for loss in losses) / len(losses)
+        return 1.0 - (exact / rows.clamp_min(1)).mean(0)
     raise SearchError(f"objective {kind!r}: choose one of {', '.join(OBJECTIVES)}")
