@@ -297,12 +297,13 @@ def _search(
 
 
 def _weights_record(result: SearchResult, grid: Sequence[float]) -> dict[str, Any]:
-    """Each weight candidate's loss, the best, and whether a searched weight hit the grid's edge
-    (the first weight stays fixed)."""
+    """Each weight candidate's loss (on the first rows only if ``pruned``), the best, and
+    whether a searched weight hit the grid's edge (the first weight stays fixed)."""
     return {
         "grid": list(grid),
         "candidates": [
-            {"weights": list(c.weights), "loss": round(c.loss, 6)} for c in result.candidates
+            {"weights": list(c.weights), "loss": round(c.loss, 6), "pruned": c.pruned}
+            for c in result.candidates
         ],
         "best": {"weights": list(result.best.weights), "loss": round(result.best.loss, 6)},
         "at_grid_edge": any(w in (min(grid), max(grid)) for w in result.best.weights[1:]),
@@ -319,6 +320,7 @@ def _methods_record(result: SearchResult) -> dict[str, Any]:
             "label": s.label(),
             "losses": losses,
             "loss": round(s.loss, 6),
+            "pruned": s.pruned,
         }
 
     return {"candidates": [entry(s) for s in result.candidates], "best": entry(result.best)}

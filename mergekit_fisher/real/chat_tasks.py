@@ -1,11 +1,19 @@
-"""Four short-answer instruction tasks for a real chat LLM, generated in code (no download).
+"""Eight short-answer instruction tasks for a real chat LLM, generated in code (no download).
 
-Fixed before any merge was looked at (docs/benchmarks.md#real-model-quality):
+The first four were fixed before any merge was looked at (docs/benchmarks.md#real-model-quality):
 
 * ``acronym``: "Write the acronym of: solar ocean river" -> "SOR".
 * ``max``: "Which number is the largest: 42, 17, 88, 5?" -> "88".
 * ``pick``: "List: fig, kiwi, lime, plum, pear. Which item is number 3?" -> "lime".
 * ``reverse``: "Reverse the order of: fig, kiwi, lime" -> "lime, kiwi, fig" (the long answers).
+
+The other four were added for the 8-expert setting, after the 2- and 4-expert results and
+before any 8-expert merge was scored; adding them changed none of the first four's problems:
+
+* ``count``: "How many items are in this list: fig, kiwi, lime?" -> "3".
+* ``add``: "What is 23 + 14?" -> "37".
+* ``upper``: "Write in capital letters: solar ocean" -> "SOLAR OCEAN".
+* ``last``: "What is the last item of: fig, kiwi, lime?" -> "lime".
 
 Each answer is exact and short, so a model is scored by greedy exact match. SmolLM2-135M-Instruct
 answers in sentences ("The largest number is 88."), so the base scores near zero and each
@@ -187,11 +195,35 @@ def _reverse(rng: random.Random) -> tuple[str, str]:
     return f"Reverse the order of: {', '.join(items)}", ", ".join(reversed(items))
 
 
+def _count(rng: random.Random) -> tuple[str, str]:
+    items = rng.sample(WORDS, rng.randint(3, 7))
+    return f"How many items are in this list: {', '.join(items)}?", str(len(items))
+
+
+def _add(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(1, 49), rng.randint(1, 49)
+    return f"What is {a} + {b}?", str(a + b)
+
+
+def _upper(rng: random.Random) -> tuple[str, str]:
+    words = rng.sample(WORDS, 2)
+    return f"Write in capital letters: {' '.join(words)}", " ".join(words).upper()
+
+
+def _last(rng: random.Random) -> tuple[str, str]:
+    items = rng.sample(WORDS, rng.randint(3, 6))
+    return f"What is the last item of: {', '.join(items)}?", items[-1]
+
+
 TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "acronym": _acronym,
     "max": _max,
     "pick": _pick,
     "reverse": _reverse,
+    "count": _count,
+    "add": _add,
+    "upper": _upper,
+    "last": _last,
 }
 
 
